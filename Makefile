@@ -1,0 +1,41 @@
+# tunvpn: `sudo make test` sets up everything the tests need, then runs the suite
+# under a venv (current PyPI releases) and under Debian's python3 (what the .deb runs on).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+DEBIAN_PYTHON := /usr/bin/python3
+VENV := .venv
+PYTEST_ARGS ?=
+export PYTHONPATH := $(CURDIR)
+export PYTHONDONTWRITEBYTECODE := 1
+
+APT_PACKAGES := python3 python3-venv python3-pip python3-cryptography python3-pyroute2 python3-pytest \
+	wireguard-go wireguard-tools iproute2 iputils-ping nftables procps
+
+.PHONY: test unit deps venv check-root clean
+
+test: check-root deps venv
+	tools/run-pytest $(VENV)/bin/python $(PYTEST_ARGS)
+	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider $(PYTEST_ARGS)
+
+# The tests that need no root, under the venv only: the quick loop while coding.
+unit: venv
+	tools/run-pytest $(VENV)/bin/python tests/unit $(PYTEST_ARGS)
+
+check-root:
+	@if [ "$$(id -u)" != 0 ]; then echo "make test needs root (tun devices, network namespaces): sudo make test" >&2; exit 1; fi
+
+deps:
+	tools/ensure-deps $(APT_PACKAGES)
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q cryptography pyroute2 pytest
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,168 @@
+"""MAC1/MAC2, cookie replies, the under-load rule and the per-source rate limit.
+
+mac1 proves the sender knows our public key, which makes us answer at all.
+Under load, mac2 must also be valid: it is keyed by a cookie we handed to
+the sender's address, so it proves the sender can receive there.  Messages
+without it get a cookie reply and no further work.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import Callable
+
+from .crypto import MAC_SIZE, XNONCE_SIZE, CryptoError, hash_, mac, xaead_decrypt, xaead_encrypt
+from .messages import COOKIE_SIZE, CookieReply
+
+LABEL_MAC1 = b"mac1----"
+LABEL_COOKIE = b"cookie--"
+
+COOKIE_SECRET_LIFETIME = 120.0  # the replier rotates its secret this often
+COOKIE_LIFETIME = 120.0  # the sender uses a cookie for this long
+
+_ZERO_MAC = bytes(MAC_SIZE)
+
+
+def source_bytes(address: tuple) -> bytes:
+    """The address a cookie is bound to: packed IP || port (big-endian)."""
+    host, port = address[0], address[1]
+    return ipaddress.ip_address(host.split("%", 1)[0]).packed + port.to_bytes(2, "big")
+
+
+class CookieChecker:
+    """Receiving side: verifies mac1/mac2 on messages sent to us and makes cookie replies."""
+
+    def __init__(self, local_public: bytes, random_bytes: Callable[[int], bytes]) -> None:
+        self._mac1_key = hash_(LABEL_MAC1, local_public)
+        self._cookie_key = hash_(LABEL_COOKIE, local_public)
+        self._random_bytes = random_bytes
+        self._secret = b""
+        self._secret_born = float("-inf")
+
+    def mac1_valid(self, msg: bytes, mac1_offset: int) -> bool:
+        return mac(self._mac1_key, msg[:mac1_offset]) == msg[mac1_offset : mac1_offset + MAC_SIZE]
+
+    def _cookie(self, source: bytes, now: float) -> bytes:
+        if now - self._secret_born >= COOKIE_SECRET_LIFETIME:
+            self._secret = self._random_bytes(32)
+            self._secret_born = now
+        return mac(self._secret, source)
+
+    def mac2_valid(self, msg: bytes, mac1_offset: int, source: bytes, now: float) -> bool:
+        mac2_offset = mac1_offset + MAC_SIZE
+        expected = mac(self._cookie(source, now), msg[:mac2_offset])
+        return expected == msg[mac2_offset : mac2_offset + MAC_SIZE]
+
+    def create_reply(self, msg: bytes, sender_index: int, mac1_offset: int, source: bytes, now: float) -> bytes:
+        """The cookie reply to a handshake message that arrived while we were under load."""
+        nonce = self._random_bytes(XNONCE_SIZE)
+        mac1 = msg[mac1_offset : mac1_offset + MAC_SIZE]
+        encrypted = xaead_encrypt(self._cookie_key, nonce, self._cookie(source, now), mac1)
+        return CookieReply(sender_index, nonce, encrypted).pack()
+
+
+class CookieJar:
+    """Sending side, one per peer: adds mac1/mac2 and keeps the cookie the peer gave us."""
+
+    __slots__ = ("_mac1_key", "_cookie_key", "_cookie", "_cookie_at", "_last_mac1")
+
+    def __init__(self, remote_public: bytes) -> None:
+        self._mac1_key = hash_(LABEL_MAC1, remote_public)
+        self._cookie_key = hash_(LABEL_COOKIE, remote_public)
+        self._cookie = b""
+        self._cookie_at = float("-inf")
+        self._last_mac1: bytes | None = None
+
+    def add_macs(self, msg: bytes, now: float) -> bytes:
+        """Fill in the last 32 bytes (mac1, mac2) of a packed handshake message."""
+        mac1_offset = len(msg) - 2 * MAC_SIZE
+        body = msg[:mac1_offset]
+        mac1 = mac(self._mac1_key, body)
+        self._last_mac1 = mac1
+        if self._cookie and now - self._cookie_at < COOKIE_LIFETIME:
+            mac2 = mac(self._cookie, body + mac1)
+        else:
+            mac2 = _ZERO_MAC
+        return body + mac1 + mac2
+
+    def consume_reply(self, reply: CookieReply, now: float) -> bool:
+        """Store the cookie if the reply answers the last message we sent."""
+        if self._last_mac1 is None:
+            return False
+        try:
+            cookie = xaead_decrypt(self._cookie_key, reply.nonce, reply.encrypted_cookie, self._last_mac1)
+        except CryptoError:
+            return False
+        if len(cookie) != COOKIE_SIZE:
+            return False
+        self._cookie, self._cookie_at = cookie, now
+        self._last_mac1 = None  # one reply per message: a replayed reply changes nothing
+        return True
+
+
+class LoadMonitor:
+    """The under-load rule.
+
+    Under load means: more than `threshold` handshake messages with a valid
+    mac1 arrived during the last second, and for one second after that.
+    (wireguard-go asks how full its handshake queue is; a single-threaded
+    event loop has no queue, so the rate is the measure.)  `force` lets
+    tests and operators hold the device under load.
+    """
+
+    WINDOW = 1.0
+    HOLD = 1.0
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.force = False
+        self._window_start = float("-inf")
+        self._count = 0
+        self._until = float("-inf")
+
+    def record(self, now: float) -> None:
+        if now - self._window_start >= self.WINDOW:
+            self._window_start, self._count = now, 0
+        self._count += 1
+        if self._count > self.threshold:
+            self._until = now + self.HOLD
+
+    def under_load(self, now: float) -> bool:
+        return self.force or now < self._until
+
+
+class RateLimiter:
+    """Token bucket per source IP for handshakes that passed mac2 under load.
+
+    A source only gets an entry after proving it receives at its address,
+    and the table is capped, so the memory it takes stays bounded.  IPv6
+    sources are grouped by /64, since one host usually owns a whole /64.
+    """
+
+    RATE = 20.0  # handshakes per second per source
+    BURST = 5.0
+    MAX_ENTRIES = 8192
+
+    def __init__(self) -> None:
+        self._buckets: OrderedDict[bytes, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, source: bytes, now: float) -> bool:
+        key = source[:-2] if len(source) == 6 else source[:8]
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_ENTRIES:
+                self._buckets.popitem(last=False)
+            self._buckets[key] = [self.BURST - 1.0, now]
+            return True
+        self._buckets.move_to_end(key)
+        tokens = min(self.BURST, bucket[0] + (now - bucket[1]) * self.RATE)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True

@@ -1,0 +1,214 @@
+"""The only place tunvpn touches cryptographic primitives.
+
+Everything here is a thin layer over the `cryptography` package and
+`hashlib.blake2s`; no primitive is implemented by hand.  Newer releases of
+`cryptography` offer faster entry points (``encrypt_into``); they are used
+when present, with a plain fallback for Debian bookworm's release 38.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+KEY_SIZE = 32
+TAG_SIZE = 16
+HASH_SIZE = 32
+MAC_SIZE = 16
+XNONCE_SIZE = 24
+
+_ZERO_KEY = bytes(KEY_SIZE)
+_NONCE_PREFIX = bytes(4)
+_CHACHA_CONSTANTS = struct.unpack("<4I", b"expand 32-byte k")
+
+
+class CryptoError(Exception):
+    """A primitive refused its input: bad tag, low-order point, wrong length."""
+
+
+# --- hashing -----------------------------------------------------------------
+
+def hash_(*parts: bytes) -> bytes:
+    """HASH(a || b || ...): BLAKE2s-256 over the concatenation."""
+    h = hashlib.blake2s()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """MAC(key, data): keyed BLAKE2s with a 16-byte digest (mac1, mac2, cookies)."""
+    return hashlib.blake2s(data, digest_size=MAC_SIZE, key=key).digest()
+
+
+def _hmac_openssl(key: bytes, data: bytes) -> bytes:
+    return hmac.digest(key, data, "blake2s256")
+
+
+def _hmac_hashlib(key: bytes, data: bytes) -> bytes:
+    return hmac.digest(key, data, hashlib.blake2s)
+
+
+def _pick_hmac():
+    """OpenSSL's one-shot HMAC is several times faster; not every build names blake2s256."""
+    try:
+        if _hmac_openssl(b"k", b"m") == _hmac_hashlib(b"k", b"m"):
+            return _hmac_openssl
+    except ValueError:
+        pass
+    return _hmac_hashlib
+
+
+hmac_ = _pick_hmac()
+
+
+def kdf1(key: bytes, data: bytes) -> bytes:
+    t0 = hmac_(key, data)
+    return hmac_(t0, b"\x01")
+
+
+def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    t0 = hmac_(key, data)
+    t1 = hmac_(t0, b"\x01")
+    return t1, hmac_(t0, t1 + b"\x02")
+
+
+def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    t0 = hmac_(key, data)
+    t1 = hmac_(t0, b"\x01")
+    t2 = hmac_(t0, t1 + b"\x02")
+    return t1, t2, hmac_(t0, t2 + b"\x03")
+
+
+# --- X25519 ------------------------------------------------------------------
+
+def clamp(private: bytes) -> bytes:
+    """Clamp a Curve25519 scalar the way `wg genkey` prints it."""
+    if len(private) != KEY_SIZE:
+        raise CryptoError("a private key is 32 bytes")
+    k = bytearray(private)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    return bytes(k)
+
+
+class StaticKey:
+    """A private X25519 key held as an OpenSSL object, with its public half.
+
+    Keeping the secret inside one `cryptography` object (instead of Python
+    bytes copied around) is the best Python can do towards erasing it.
+    """
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, private: bytes) -> None:
+        if len(private) != KEY_SIZE:
+            raise CryptoError("a private key is 32 bytes")
+        self._key = X25519PrivateKey.from_private_bytes(private)
+        self.public: bytes = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def dh(self, public: bytes) -> bytes:
+        """Shared secret with `public`; a low-order point (all-zero result) is refused."""
+        if len(public) != KEY_SIZE:
+            raise CryptoError("a public key is 32 bytes")
+        try:
+            shared = self._key.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError as exc:  # OpenSSL rejects the all-zero shared secret
+            raise CryptoError("low-order public key") from exc
+        if shared == _ZERO_KEY:
+            raise CryptoError("low-order public key")
+        return shared
+
+    def private_bytes(self) -> bytes:
+        return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def public_key(private: bytes) -> bytes:
+    return StaticKey(private).public
+
+
+# --- ChaCha20-Poly1305 -------------------------------------------------------
+
+def _nonce(counter: int) -> bytes:
+    return _NONCE_PREFIX + counter.to_bytes(8, "little")
+
+
+def aead_encrypt(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
+    return ChaCha20Poly1305(key).encrypt(_nonce(counter), plaintext, aad)
+
+
+def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes:
+    try:
+        return ChaCha20Poly1305(key).decrypt(_nonce(counter), ciphertext, aad)
+    except InvalidTag as exc:
+        raise CryptoError("authentication failed") from exc
+
+
+class TransportCipher:
+    """One direction of a session key, kept as a ready cipher object for the data path."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+
+    def seal(self, counter: int, plaintext: bytes) -> bytes:
+        return self._aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), plaintext, None)
+
+    def open(self, nonce: bytes, ciphertext: bytes) -> bytes | None:
+        """Decrypt with a full 12-byte nonce; None when the tag does not verify."""
+        try:
+            return self._aead.decrypt(nonce, ciphertext, None)
+        except InvalidTag:
+            return None
+
+
+# --- XChaCha20-Poly1305 (cookie replies only) ----------------------------------
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 derived from one ChaCha20 block.
+
+    A ChaCha20 block is rounds(state) + state, word by word.  HChaCha20 is
+    rounds(state) at words 0-3 and 12-15, so those words of the keystream
+    minus the initial state give it.  The 16-byte `nonce16` fills words
+    12-15 exactly as cryptography's ChaCha20 takes its 16-byte nonce.
+    """
+    if len(key) != KEY_SIZE or len(nonce16) != 16:
+        raise CryptoError("HChaCha20 takes a 32-byte key and a 16-byte nonce")
+    block = Cipher(algorithms.ChaCha20(key, nonce16), mode=None).encryptor().update(bytes(64))
+    words = struct.unpack("<16I", block)
+    nonce_words = struct.unpack("<4I", nonce16)
+    out = [(words[i] - _CHACHA_CONSTANTS[i]) & 0xFFFFFFFF for i in range(4)]
+    out += [(words[12 + i] - nonce_words[i]) & 0xFFFFFFFF for i in range(4)]
+    return struct.pack("<8I", *out)
+
+
+def _xchacha_split(key: bytes, nonce: bytes) -> tuple[ChaCha20Poly1305, bytes]:
+    if len(nonce) != XNONCE_SIZE:
+        raise CryptoError("XChaCha20 takes a 24-byte nonce")
+    return ChaCha20Poly1305(hchacha20(key, nonce[:16])), _NONCE_PREFIX + nonce[16:]
+
+
+def xaead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    aead, short_nonce = _xchacha_split(key, nonce)
+    return aead.encrypt(short_nonce, plaintext, aad)
+
+
+def xaead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    aead, short_nonce = _xchacha_split(key, nonce)
+    try:
+        return aead.decrypt(short_nonce, ciphertext, aad)
+    except InvalidTag as exc:
+        raise CryptoError("authentication failed") from exc

@@ -1,0 +1,45 @@
+"""Sliding-window replay protection (RFC 6479 bitmap, as wireguard-go sizes it).
+
+A ring of 128 blocks of 64 bits; the block the newest counter falls in is
+never fully usable, so the window is 127 * 64 = 8128 counters.  Call
+`accept` only after the AEAD tag verified: an attacker must not be able to
+move the window with forged packets.
+"""
+
+from __future__ import annotations
+
+BLOCK_BITS = 64
+RING_BLOCKS = 128
+WINDOW_SIZE = (RING_BLOCKS - 1) * BLOCK_BITS  # 8128
+_RING_MASK = RING_BLOCKS - 1
+_BIT_MASK = BLOCK_BITS - 1
+
+
+class ReplayWindow:
+    __slots__ = ("_greatest", "_ring")
+
+    def __init__(self) -> None:
+        self._greatest = 0
+        self._ring = [0] * RING_BLOCKS
+
+    def accept(self, counter: int, limit: int) -> bool:
+        """True if `counter` is below `limit` and new; records it as seen."""
+        if counter >= limit:
+            return False
+        ring = self._ring
+        block = counter >> 6
+        greatest = self._greatest
+        if counter > greatest:
+            current = greatest >> 6
+            for step in range(1, min(block - current, RING_BLOCKS) + 1):
+                ring[(current + step) & _RING_MASK] = 0
+            self._greatest = counter
+        elif greatest - counter > WINDOW_SIZE:
+            return False
+        index = block & _RING_MASK
+        bit = 1 << (counter & _BIT_MASK)
+        word = ring[index]
+        if word & bit:
+            return False
+        ring[index] = word | bit
+        return True

@@ -1,0 +1,94 @@
+"""Per-peer timers as deadlines on the caller's monotonic clock.
+
+These mirror the WireGuard timer rules: each method is one protocol event
+(data sent, handshake initiated, ...) and only moves deadlines; `pop_due`
+tells the device which timers fired so it can act.  Nothing here reads a
+clock or sends anything.
+"""
+
+from __future__ import annotations
+
+from .keypair import REJECT_AFTER_TIME
+
+REKEY_TIMEOUT = 5.0
+REKEY_TIMEOUT_JITTER_MAX = 1 / 3
+REKEY_ATTEMPT_TIME = 90.0
+KEEPALIVE_TIMEOUT = 10.0
+MAX_HANDSHAKE_ATTEMPTS = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18 retries, then give up
+ZERO_KEYS_AFTER = 3 * REJECT_AFTER_TIME
+
+RETRANSMIT_HANDSHAKE = "retransmit_handshake"
+SEND_KEEPALIVE = "send_keepalive"
+NEW_HANDSHAKE = "new_handshake"
+ZERO_KEY_MATERIAL = "zero_key_material"
+PERSISTENT_KEEPALIVE = "persistent_keepalive"
+_NAMES = (RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEY_MATERIAL, PERSISTENT_KEEPALIVE)
+
+
+class Timers:
+    __slots__ = _NAMES + (
+        "persistent_keepalive_interval",
+        "handshake_attempts",
+        "need_another_keepalive",
+        "sent_last_minute_handshake",
+    )
+
+    def __init__(self, persistent_keepalive_interval: int = 0) -> None:
+        for name in _NAMES:
+            setattr(self, name, None)
+        self.persistent_keepalive_interval = persistent_keepalive_interval
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_last_minute_handshake = False
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (getattr(self, name) for name in _NAMES) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def pop_due(self, now: float) -> list[str]:
+        due = []
+        for name in _NAMES:
+            deadline = getattr(self, name)
+            if deadline is not None and deadline <= now:
+                setattr(self, name, None)
+                due.append(name)
+        return due
+
+    def stop_all(self) -> None:
+        for name in _NAMES:
+            setattr(self, name, None)
+
+    # --- protocol events -----------------------------------------------------
+
+    def data_sent(self, now: float, jitter: float) -> None:
+        """We sent data and expect an answer; without one, start over with a new handshake."""
+        if self.new_handshake is None:
+            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter
+
+    def data_received(self, now: float) -> None:
+        """Owe the peer a keepalive unless we send something first."""
+        if self.send_keepalive is None:
+            self.send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            self.need_another_keepalive = True
+
+    def authenticated_packet_sent(self) -> None:
+        self.send_keepalive = None
+
+    def authenticated_packet_received(self) -> None:
+        self.new_handshake = None
+
+    def authenticated_packet_traversed(self, now: float) -> None:
+        if self.persistent_keepalive_interval:
+            self.persistent_keepalive = now + self.persistent_keepalive_interval
+
+    def handshake_initiated(self, now: float, jitter: float) -> None:
+        self.retransmit_handshake = now + REKEY_TIMEOUT + jitter
+
+    def handshake_complete(self) -> None:
+        self.retransmit_handshake = None
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+
+    def session_derived(self, now: float) -> None:
+        self.zero_key_material = now + ZERO_KEYS_AFTER
