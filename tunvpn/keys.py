@@ -19,8 +19,11 @@ def decode_key(text: str) -> bytes:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidKey("not valid base64") from exc
-    if len(raw) != KEY_SIZE or len(text) != 44:
+    if len(raw) != KEY_SIZE:
         raise InvalidKey(f"a key is {KEY_SIZE} bytes (44 base64 characters), this one is {len(raw)} bytes")
+    if encode_key(raw) != text:
+        # Stray low bits in the last character: `wg` refuses these, and one key must have one spelling.
+        raise InvalidKey("not canonical base64 (the character before '=' has stray low bits)")
     return raw
 
 

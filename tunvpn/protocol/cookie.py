@@ -8,8 +8,9 @@ without it get a cookie reply and no further work.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable
 
 from .crypto import MAC_SIZE, XNONCE_SIZE, CryptoError, hash_, mac, xaead_decrypt, xaead_encrypt
@@ -41,7 +42,9 @@ class CookieChecker:
         self._secret_born = float("-inf")
 
     def mac1_valid(self, msg: bytes, mac1_offset: int) -> bool:
-        return mac(self._mac1_key, msg[:mac1_offset]) == msg[mac1_offset : mac1_offset + MAC_SIZE]
+        # Constant-time compares (as wireguard-go's hmac.Equal): no timing oracle for forging MACs.
+        expected = mac(self._mac1_key, msg[:mac1_offset])
+        return hmac.compare_digest(expected, msg[mac1_offset : mac1_offset + MAC_SIZE])
 
     def _cookie(self, source: bytes, now: float) -> bytes:
         if now - self._secret_born >= COOKIE_SECRET_LIFETIME:
@@ -52,7 +55,7 @@ class CookieChecker:
     def mac2_valid(self, msg: bytes, mac1_offset: int, source: bytes, now: float) -> bool:
         mac2_offset = mac1_offset + MAC_SIZE
         expected = mac(self._cookie(source, now), msg[:mac2_offset])
-        return expected == msg[mac2_offset : mac2_offset + MAC_SIZE]
+        return hmac.compare_digest(expected, msg[mac2_offset : mac2_offset + MAC_SIZE])
 
     def create_reply(self, msg: bytes, sender_index: int, mac1_offset: int, source: bytes, now: float) -> bytes:
         """The cookie reply to a handshake message that arrived while we were under load."""
@@ -105,7 +108,8 @@ class LoadMonitor:
     """The under-load rule.
 
     Under load means: more than `threshold` handshake messages with a valid
-    mac1 arrived during the last second, and for one second after that.
+    mac1 arrived within one second (a sliding window: the arrival times of
+    the last threshold + 1 messages), and for one second after that.
     (wireguard-go asks how full its handshake queue is; a single-threaded
     event loop has no queue, so the rate is the measure.)  `force` lets
     tests and operators hold the device under load.
@@ -115,17 +119,20 @@ class LoadMonitor:
     HOLD = 1.0
 
     def __init__(self, threshold: int) -> None:
-        self.threshold = threshold
+        self._threshold = threshold
         self.force = False
-        self._window_start = float("-inf")
-        self._count = 0
+        self._recent: deque[float] = deque(maxlen=threshold + 1)  # arrival times, oldest first
         self._until = float("-inf")
 
+    @property
+    def threshold(self) -> int:
+        """Fixed at construction: the sliding window is sized from it."""
+        return self._threshold
+
     def record(self, now: float) -> None:
-        if now - self._window_start >= self.WINDOW:
-            self._window_start, self._count = now, 0
-        self._count += 1
-        if self._count > self.threshold:
+        recent = self._recent
+        recent.append(now)
+        if len(recent) == recent.maxlen and now - recent[0] < self.WINDOW:
             self._until = now + self.HOLD
 
     def under_load(self, now: float) -> bool:

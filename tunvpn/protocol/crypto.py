@@ -145,13 +145,21 @@ def _nonce(counter: int) -> bytes:
     return _NONCE_PREFIX + counter.to_bytes(8, "little")
 
 
+def _chacha(key: bytes) -> ChaCha20Poly1305:
+    """`cryptography` says ValueError for a wrong key length; callers expect CryptoError."""
+    if len(key) != KEY_SIZE:
+        raise CryptoError("a ChaCha20-Poly1305 key is 32 bytes")
+    return ChaCha20Poly1305(key)
+
+
 def aead_encrypt(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
-    return ChaCha20Poly1305(key).encrypt(_nonce(counter), plaintext, aad)
+    return _chacha(key).encrypt(_nonce(counter), plaintext, aad)
 
 
 def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes:
+    aead = _chacha(key)
     try:
-        return ChaCha20Poly1305(key).decrypt(_nonce(counter), ciphertext, aad)
+        return aead.decrypt(_nonce(counter), ciphertext, aad)
     except InvalidTag as exc:
         raise CryptoError("authentication failed") from exc
 
@@ -162,7 +170,7 @@ class TransportCipher:
     __slots__ = ("_aead",)
 
     def __init__(self, key: bytes) -> None:
-        self._aead = ChaCha20Poly1305(key)
+        self._aead = _chacha(key)
 
     def seal(self, counter: int, plaintext: bytes) -> bytes:
         return self._aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), plaintext, None)

@@ -352,6 +352,7 @@ class Device:
             if not plaintext:
                 touched.setdefault(peer, False)
                 continue
+            touched[peer] = True  # data for the timers even if the inner packet is dropped below
             version = plaintext[0] >> 4
             if version == 4 and len(plaintext) >= 20:
                 length = int.from_bytes(plaintext[2:4], "big")
@@ -368,7 +369,6 @@ class Device:
             if length > len(plaintext) or length < 20:
                 peer.dropped["bad_ip_length"] += 1
                 continue
-            touched[peer] = True
             packets.append(plaintext if length == len(plaintext) else plaintext[:length])
         for peer, had_data in touched.items():
             self._after_receive(peer, had_data, now)
@@ -456,6 +456,7 @@ class Device:
             return
         peer.handshake.consume_initiation(msg, opened, now)
         self._set_endpoint(peer, source)
+        peer.rx_bytes += INITIATION_SIZE
         peer.timers.authenticated_packet_traversed(now)
         peer.timers.authenticated_packet_received()
         self._send_response(peer, now)
@@ -469,6 +470,7 @@ class Device:
             return
         peer.handshake.consume_response(msg)
         self._set_endpoint(peer, source)
+        peer.rx_bytes += RESPONSE_SIZE
         timers = peer.timers
         timers.authenticated_packet_traversed(now)
         timers.authenticated_packet_received()
@@ -507,10 +509,15 @@ class Device:
     def _send_initiation(self, peer: Peer, now: float, retry: bool) -> None:
         if not retry:
             peer.timers.handshake_attempts = 0
-        if peer.last_sent_handshake is not None and now - peer.last_sent_handshake < T.REKEY_TIMEOUT:
+        # Compared as `last + REKEY_TIMEOUT`, the very sum the retransmit deadline starts from:
+        # `now - last` can round below REKEY_TIMEOUT when the timer fires exactly on time.
+        if peer.last_sent_handshake is not None and now < peer.last_sent_handshake + T.REKEY_TIMEOUT:
             return
         if peer.endpoint is None:
+            # Sent into the void: keep retrying, then give up and flush, as if it were lost.
             peer.dropped["no_endpoint"] += 1
+            peer.last_sent_handshake = now
+            peer.timers.handshake_initiated(now, self._jitter())
             return
         try:
             msg = peer.handshake.create_initiation(
@@ -521,6 +528,7 @@ class Device:
             return
         peer.last_sent_handshake = now
         self._outgoing.append((peer.cookies.add_macs(msg.pack(), now), peer.endpoint))
+        peer.tx_bytes += INITIATION_SIZE
         timers = peer.timers
         timers.authenticated_packet_traversed(now)
         timers.authenticated_packet_sent()
@@ -531,6 +539,7 @@ class Device:
         peer.last_sent_handshake = now
         self._begin_session(peer, now)
         self._outgoing.append((peer.cookies.add_macs(msg.pack(), now), peer.endpoint))
+        peer.tx_bytes += RESPONSE_SIZE
         peer.timers.authenticated_packet_traversed(now)
         peer.timers.authenticated_packet_sent()
 
@@ -539,7 +548,7 @@ class Device:
     def _timer_fired(self, peer: Peer, name: str, now: float) -> None:
         timers = peer.timers
         if name == T.RETRANSMIT_HANDSHAKE:
-            if timers.handshake_attempts >= T.MAX_HANDSHAKE_ATTEMPTS:
+            if timers.handshake_attempts > T.MAX_HANDSHAKE_ATTEMPTS:
                 timers.send_keepalive = None
                 peer.dropped["handshake_gave_up"] += len(peer.staged)
                 peer.staged.clear()

@@ -41,6 +41,27 @@ assert _COOKIE_REPLY.size == COOKIE_REPLY_SIZE
 assert TRANSPORT_HEADER.size == TRANSPORT_HEADER_SIZE
 
 
+# Sizes of the bytes fields, checked on pack: struct would silently zero-pad or cut a
+# wrong-sized field, and the peer would only report a failed handshake, far from the cause.
+_INITIATION_FIELDS = {
+    "ephemeral": KEY_SIZE,
+    "encrypted_static": KEY_SIZE + TAG_SIZE,
+    "encrypted_timestamp": TIMESTAMP_SIZE + TAG_SIZE,
+    "mac1": MAC_SIZE,
+    "mac2": MAC_SIZE,
+}
+_RESPONSE_FIELDS = {"ephemeral": KEY_SIZE, "encrypted_nothing": TAG_SIZE, "mac1": MAC_SIZE, "mac2": MAC_SIZE}
+_COOKIE_REPLY_FIELDS = {"nonce": XNONCE_SIZE, "encrypted_cookie": COOKIE_SIZE + TAG_SIZE}
+
+
+def _pack(layout: struct.Struct, msg_type: int, message: tuple, field_sizes: dict[str, int]) -> bytes:
+    for name, size in field_sizes.items():
+        value = getattr(message, name)
+        if len(value) != size:
+            raise ValueError(f"{type(message).__name__}.{name} must be {size} bytes, got {len(value)}")
+    return layout.pack(msg_type, *message)
+
+
 class Initiation(NamedTuple):
     sender: int
     ephemeral: bytes
@@ -50,7 +71,7 @@ class Initiation(NamedTuple):
     mac2: bytes = bytes(MAC_SIZE)
 
     def pack(self) -> bytes:
-        return _INITIATION.pack(MESSAGE_INITIATION, *self)
+        return _pack(_INITIATION, MESSAGE_INITIATION, self, _INITIATION_FIELDS)
 
     @classmethod
     def parse(cls, data: bytes) -> Initiation:
@@ -71,7 +92,7 @@ class Response(NamedTuple):
     mac2: bytes = bytes(MAC_SIZE)
 
     def pack(self) -> bytes:
-        return _RESPONSE.pack(MESSAGE_RESPONSE, *self)
+        return _pack(_RESPONSE, MESSAGE_RESPONSE, self, _RESPONSE_FIELDS)
 
     @classmethod
     def parse(cls, data: bytes) -> Response:
@@ -89,7 +110,7 @@ class CookieReply(NamedTuple):
     encrypted_cookie: bytes
 
     def pack(self) -> bytes:
-        return _COOKIE_REPLY.pack(MESSAGE_COOKIE_REPLY, *self)
+        return _pack(_COOKIE_REPLY, MESSAGE_COOKIE_REPLY, self, _COOKIE_REPLY_FIELDS)
 
     @classmethod
     def parse(cls, data: bytes) -> CookieReply:

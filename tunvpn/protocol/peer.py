@@ -49,6 +49,8 @@ class Peer:
         self.staged: deque[bytes] = deque()
         self.last_sent_handshake: float | None = None
         self.last_handshake_wall: float | None = None
+        # bytes: every datagram exchanged with the peer, handshakes included (what `wg show` reports);
+        # packets: transport messages only, keepalives included
         self.rx_bytes = self.tx_bytes = self.rx_packets = self.tx_packets = 0
         self.dropped: Counter[str] = Counter()
         self.scheduled_at = float("inf")  # earliest deadline this peer has in the device's heap

@@ -14,7 +14,8 @@ REKEY_TIMEOUT = 5.0
 REKEY_TIMEOUT_JITTER_MAX = 1 / 3
 REKEY_ATTEMPT_TIME = 90.0
 KEEPALIVE_TIMEOUT = 10.0
-MAX_HANDSHAKE_ATTEMPTS = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18 retries, then give up
+# Give up once more than this many retries went unanswered: 1 + 19 initiations, as wireguard-go.
+MAX_HANDSHAKE_ATTEMPTS = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
 ZERO_KEYS_AFTER = 3 * REJECT_AFTER_TIME
 
 RETRANSMIT_HANDSHAKE = "retransmit_handshake"

@@ -1,0 +1,568 @@
+"""The config parser: stock wg-quick files load, and every bad input is one ConfigError line."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tunvpn.config import (
+    Config,
+    ConfigError,
+    WG_QUICK_ONLY_KEYS,
+    load_config,
+    parse_config,
+    resolve_endpoint,
+)
+from tunvpn.keys import derive_public_key, encode_key, generate_preshared_key, generate_private_key
+
+
+@dataclass(frozen=True)
+class Keys:
+    private: bytes
+    public: bytes
+    peer1: bytes
+    peer2: bytes
+    psk: bytes
+
+    def placeholders(self) -> dict[str, str]:
+        return {
+            "priv": encode_key(self.private),
+            "own": encode_key(self.public),
+            "pub1": encode_key(self.peer1),
+            "pub2": encode_key(self.peer2),
+            "psk": encode_key(self.psk),
+            "short_key": encode_key(bytes(range(16))),
+        }
+
+
+@pytest.fixture
+def keys() -> Keys:
+    private = generate_private_key()
+    return Keys(
+        private=private,
+        public=derive_public_key(private),
+        peer1=derive_public_key(generate_private_key()),
+        peer2=derive_public_key(generate_private_key()),
+        psk=generate_preshared_key(),
+    )
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    os.chmod(path, mode)  # after writing: the umask must not decide the test
+    return path
+
+
+def conf(*lines: str) -> str:
+    """One argument per line, so a case's line numbers can be read off its position."""
+    return "\n".join(lines) + "\n"
+
+
+# --- files that load ----------------------------------------------------------------------------
+
+STOCK_SERVER = """\
+# /etc/wireguard/wg0.conf as wg-quick(8) and wg(8) read it
+[Interface]
+Address = 203.0.113.1/24
+Address = 2001:db8:100::1/64
+ListenPort = 51820
+PrivateKey = {priv}
+
+[Peer]
+# laptop
+PublicKey = {pub1}
+PresharedKey = {psk}
+AllowedIPs = 203.0.113.2/32, 2001:db8:100::2/128
+
+[Peer]
+PublicKey = {pub2}
+AllowedIPs = 203.0.113.3/32
+AllowedIPs = 198.51.100.0/24
+Endpoint = 192.0.2.3:51820
+PersistentKeepalive = 25
+"""
+
+STOCK_CLIENT = """\
+[Interface]
+PrivateKey = {priv}
+Address = 203.0.113.2/32, 2001:db8:100::2/128
+
+[Peer]
+PublicKey = {pub1}
+AllowedIPs = 0.0.0.0/0, ::/0
+Endpoint = [2001:db8:1::1]:51820
+PersistentKeepalive = 25
+"""
+
+
+def test_stock_wg_quick_server_file_loads_unchanged(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path / "wg0.conf", STOCK_SERVER.format(**keys.placeholders()))
+    config = load_config(path, role="server")
+
+    assert (config.path, config.name, config.role) == (str(path), "wg0", "server")
+    assert config.interface.private_key == keys.private
+    assert config.interface.listen_port == 51820
+    assert config.interface.addresses == [
+        ipaddress.ip_interface("203.0.113.1/24"), ipaddress.ip_interface("2001:db8:100::1/64")]
+    assert (config.interface.mtu, config.interface.device) == (1420, "tv-wg0")
+
+    laptop, gateway = config.peers
+    assert (laptop.public_key, laptop.preshared_key, laptop.line) == (keys.peer1, keys.psk, 8)
+    assert laptop.allowed_ips == [ipaddress.ip_network("203.0.113.2/32"), ipaddress.ip_network("2001:db8:100::2/128")]
+    assert (laptop.endpoint, laptop.endpoint_address, laptop.persistent_keepalive) == (None, None, 0)
+    assert (gateway.public_key, gateway.preshared_key, gateway.line) == (keys.peer2, None, 14)
+    assert gateway.allowed_ips == [ipaddress.ip_network("203.0.113.3/32"), ipaddress.ip_network("198.51.100.0/24")]
+    assert gateway.endpoint == ("192.0.2.3", 51820)
+    assert gateway.endpoint_address == ("192.0.2.3", 51820)
+    assert gateway.persistent_keepalive == 25
+
+
+def test_stock_wg_quick_client_file_loads_unchanged(tmp_path: Path, keys: Keys) -> None:
+    path = write(tmp_path / "home.conf", STOCK_CLIENT.format(**keys.placeholders()))
+    config = load_config(path, role="client")
+
+    assert config.interface.listen_port is None  # a client takes an ephemeral port
+    assert config.interface.device == "tv-home"
+    (server,) = config.peers
+    assert server.allowed_ips == [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    assert server.endpoint == ("2001:db8:1::1", 51820)
+    assert server.endpoint_address == ("2001:db8:1::1", 51820, 0, 0)
+
+
+def test_comments_blank_lines_case_and_spacing(tmp_path: Path, keys: Keys) -> None:
+    text = conf(
+        "  # a whole-line comment",
+        "",
+        "[interface]   # trailing comment on a header",
+        "privatekey={priv}#no space before the comment",
+        "LISTENPORT   =   4500   # spaces everywhere",
+        "\taddress = 203.0.113.1/24 2001:db8:100::1/64\t",
+        "[ PEER ]",
+        "publickey = {pub1}",
+        "allowedIPs = 203.0.113.2/32,2001:db8:100::2/128",
+        "endpoint = 192.0.2.2:4500",
+        "persistentkeepalive = OFF",
+    ).format(**keys.placeholders())
+    config = parse_config(text, str(tmp_path / "wg0.conf"), role="client")
+
+    assert config.interface.private_key == keys.private
+    assert config.interface.listen_port == 4500
+    assert [str(a) for a in config.interface.addresses] == ["203.0.113.1/24", "2001:db8:100::1/64"]
+    (peer,) = config.peers
+    assert [str(n) for n in peer.allowed_ips] == ["203.0.113.2/32", "2001:db8:100::2/128"]
+    assert (peer.endpoint, peer.persistent_keepalive, peer.line) == (("192.0.2.2", 4500), 0, 7)
+
+
+def test_crlf_line_endings_and_byte_order_mark(tmp_path: Path, keys: Keys) -> None:
+    text = "\ufeff" + STOCK_SERVER.format(**keys.placeholders()).replace("\n", "\r\n")
+    path = tmp_path / "wg0.conf"
+    path.write_bytes(text.encode("utf-8"))
+    os.chmod(path, 0o600)
+
+    config = load_config(path, role="server")
+
+    assert config.interface.private_key == keys.private
+    assert [peer.line for peer in config.peers] == [8, 14]
+
+
+def test_defaults_per_role(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}").format(**keys.placeholders())
+    server = parse_config(text, str(tmp_path / "office.conf"), role="server")
+    client = parse_config(text, str(tmp_path / "office.conf"), role="client")
+
+    assert (server.interface.listen_port, client.interface.listen_port) == (51820, None)
+    assert server.interface.mtu == client.interface.mtu == 1420
+    assert server.interface.device == client.interface.device == "tv-office"
+    assert server.interface.addresses == [] and server.peers == []
+
+
+def test_default_device_is_cut_to_fifteen_characters(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}").format(**keys.placeholders())
+    config = parse_config(text, str(tmp_path / "headquarters-berlin.conf"), role="server")
+    assert config.name == "headquarters-berlin"
+    assert config.interface.device == "tv-headquarters"
+
+
+def test_explicit_values_override_defaults(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", "ListenPort = 1194", "MTU = 1280",
+                "Device = vpn0", "Address = 2001:db8:100::1").format(**keys.placeholders())
+    interface = parse_config(text, str(tmp_path / "wg0.conf"), role="client").interface
+    assert (interface.listen_port, interface.mtu, interface.device) == (1194, 1280, "vpn0")
+    assert interface.addresses == [ipaddress.ip_interface("2001:db8:100::1/128")]
+
+
+def test_bare_addresses_are_host_prefixes(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", "Address = 203.0.113.1, 2001:db8:100::1",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.9, 2001:db8:100::9").format(**keys.placeholders())
+    config = parse_config(text, str(tmp_path / "wg0.conf"), role="server")
+    assert [a.network.prefixlen for a in config.interface.addresses] == [32, 128]
+    assert [str(n) for n in config.peers[0].allowed_ips] == ["203.0.113.9/32", "2001:db8:100::9/128"]
+
+
+def test_ipv4_mtu_below_1280_is_fine_without_ipv6(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", "Address = 203.0.113.1/24", "MTU = 576").format(**keys.placeholders())
+    assert parse_config(text, str(tmp_path / "wg0.conf"), role="server").interface.mtu == 576
+
+
+def test_key_files_relative_to_the_config(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    ph = keys.placeholders()
+    (tmp_path / "keys").mkdir()
+    write(tmp_path / "keys" / "server.key", ph["priv"] + "\n")
+    write(tmp_path / "psk", "  " + ph["psk"] + "\n\n")  # whitespace around the key is trimmed
+    path = write(tmp_path / "wg0.conf", conf(
+        "[Interface]", "PrivateKeyFile = keys/server.key",
+        "[Peer]", "PublicKey = {pub1}", f"PresharedKeyFile = {tmp_path / 'psk'}").format(**ph),
+        mode=0o644)  # no inline secret: the config itself may be world-readable
+    monkeypatch.chdir("/")
+
+    config = load_config(path, role="server")
+
+    assert config.interface.private_key == keys.private
+    assert config.peers[0].preshared_key == keys.psk
+
+
+def test_symlinked_key_file_is_judged_by_its_target(tmp_path: Path, keys: Keys) -> None:
+    ph = keys.placeholders()
+    target = write(tmp_path / "real.key", ph["priv"] + "\n", mode=0o600)
+    (tmp_path / "link.key").symlink_to(target)
+    text = conf("[Interface]", "PrivateKeyFile = link.key")
+    path = str(tmp_path / "wg0.conf")
+
+    assert parse_config(text, path, role="server").interface.private_key == keys.private
+    os.chmod(target, 0o640)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, path, role="server")
+    link = tmp_path / "link.key"  # chmod follows the link, so naming it is enough
+    assert str(caught.value) == f"{path}:2: PrivateKeyFile: {link} is readable by group/others; chmod 600 it"
+
+
+def test_overlapping_allowed_ips_within_one_peer_are_allowed(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 198.51.100.0/24, 198.51.100.0/25",
+                "AllowedIPs = 198.51.100.0/24",
+                "[Peer]", "PublicKey = {pub2}", "AllowedIPs = 203.0.113.0/24, 198.51.101.0/24").format(**keys.placeholders())
+    config = parse_config(text, str(tmp_path / "wg0.conf"), role="server")
+    assert [len(peer.allowed_ips) for peer in config.peers] == [3, 2]
+
+
+def test_many_disjoint_peers_pass_the_overlap_check(tmp_path: Path, keys: Keys) -> None:
+    ph = keys.placeholders()
+    lines = ["[Interface]", f"PrivateKey = {ph['priv']}"]
+    for host in range(1, 200):
+        lines += ["[Peer]", f"PublicKey = {encode_key(derive_public_key(generate_private_key()))}",
+                  f"AllowedIPs = 203.0.113.{host}/32, 2001:db8:100::{host:x}/128"]
+    config = parse_config(conf(*lines), str(tmp_path / "wg0.conf"), role="server")
+    assert len(config.peers) == 199
+
+
+def test_empty_allowed_ips_line_adds_nothing(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}",
+                "AllowedIPs =", "AllowedIPs = 203.0.113.2/32").format(**keys.placeholders())
+    peer = parse_config(text, str(tmp_path / "wg0.conf"), role="server").peers[0]
+    assert peer.allowed_ips == [ipaddress.ip_network("203.0.113.2/32")]
+
+
+def test_dns_name_endpoint_is_kept_unresolved_without_resolve(tmp_path: Path, keys: Keys) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}",
+                "Endpoint = vpn.example.com.:51820").format(**keys.placeholders())
+    peer = parse_config(text, str(tmp_path / "wg0.conf"), role="client", resolve=False).peers[0]
+    assert (peer.endpoint, peer.endpoint_address) == (("vpn.example.com.", 51820), None)
+
+
+def test_resolve_endpoint_literals() -> None:
+    assert resolve_endpoint("192.0.2.7", 51820) == ("192.0.2.7", 51820)
+    assert resolve_endpoint("2001:db8::7", 1) == ("2001:db8::7", 1, 0, 0)
+
+
+def test_secrets_stay_out_of_repr(tmp_path: Path, keys: Keys) -> None:
+    config = parse_config(STOCK_SERVER.format(**keys.placeholders()), str(tmp_path / "wg0.conf"), role="server")
+    text = repr(config)
+    assert repr(keys.private) not in text and repr(keys.psk) not in text
+    assert repr(keys.peer1) in text  # public keys are fine to log
+
+
+def test_error_format() -> None:
+    assert str(ConfigError("a.conf", 7, "MTU", "too small")) == "a.conf:7: MTU: too small"
+    assert str(ConfigError("a.conf", 7, None, "bad line")) == "a.conf:7: bad line"
+    assert str(ConfigError("a.conf", 0, None, "no [Interface] section")) == "a.conf: no [Interface] section"
+    assert str(ConfigError("a.conf", 3, "Key", "bad\nvalue\u2028x")) == "a.conf:3: Key: bad\\nvalue\\u2028x"
+    err = ConfigError("a.conf", 7, "MTU", "too small")
+    assert (err.path, err.line, err.key, err.reason) == ("a.conf", 7, "MTU", "too small")
+
+
+# --- broken configs -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Broken:
+    lines: tuple[str, ...]
+    line: int
+    key: str | None
+    reason: str
+    role: str = "server"
+    files: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (text, mode)
+    config_mode: int = 0o600
+    config_name: str = "wg0.conf"
+
+
+def broken(case_id: str, lines: tuple[str, ...], line: int, key: str | None, reason: str, **options: object):
+    return pytest.param(Broken(lines, line, key, reason, **options), id=case_id)
+
+
+INTERFACE = ("[Interface]", "PrivateKey = {priv}")  # lines 1-2 of most cases
+
+BROKEN = [
+    broken("unknown-key", INTERFACE + ("Colour = blue",), 3, "Colour", "unknown key in [Interface]"),
+    *(
+        broken(f"wg-quick-{name}", INTERFACE + (f"{name} = something",), 3, name,
+               "tunvpn does not support this wg-quick key; remove it")
+        for name in WG_QUICK_ONLY_KEYS
+    ),
+    broken("wg-quick-key-lowercase", INTERFACE + ("postup = iptables -A FORWARD",), 3, "postup",
+           "tunvpn does not support this wg-quick key; remove it"),
+    broken("peer-key-in-interface", INTERFACE + ("Endpoint = 192.0.2.1:51820",), 3, "Endpoint",
+           "belongs in [Peer], not [Interface]"),
+    broken("interface-key-in-peer", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "ListenPort = 1"), 5, "ListenPort",
+           "belongs in [Interface], not [Peer]"),
+    broken("bad-base64", ("[Interface]", "PrivateKey = not*base64*at*all"), 2, "PrivateKey", "not valid base64"),
+    broken("wrong-key-length", INTERFACE + ("[Peer]", "PublicKey = {short_key}"), 4, "PublicKey",
+           "a key is 32 bytes (44 base64 characters), this one is 16 bytes"),
+    broken("bad-psk", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PresharedKey = {short_key}"), 5, "PresharedKey",
+           "a key is 32 bytes (44 base64 characters), this one is 16 bytes"),
+    broken("duplicate-peer", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "[Peer]", "PublicKey = {pub1}"), 6,
+           "PublicKey", "same peer as the PublicKey on line 4"),
+    broken("own-public-key", INTERFACE + ("[Peer]", "PublicKey = {own}"), 4, "PublicKey",
+           "is this [Interface]'s own public key; a peer cannot be itself"),
+    broken("missing-public-key", INTERFACE + ("[Peer]", "AllowedIPs = 203.0.113.2/32"), 3, "PublicKey",
+           "missing; [Peer] needs PublicKey"),
+    broken("overlap-contained", INTERFACE + (
+        "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 198.51.100.0/24",
+        "[Peer]", "PublicKey = {pub2}", "AllowedIPs = 203.0.113.9/32", "AllowedIPs = 198.51.100.128/25"),
+        9, "AllowedIPs", "198.51.100.128/25 overlaps 198.51.100.0/24 of another peer on line 5"),
+    broken("overlap-containing-later", INTERFACE + (
+        "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 2001:db8:100::5/128",
+        "[Peer]", "PublicKey = {pub2}", "allowedips = 2001:db8:100::/64"),
+        8, "allowedips", "2001:db8:100::/64 overlaps 2001:db8:100::5/128 of another peer on line 5"),
+    broken("overlap-same-start-wider-later", INTERFACE + (
+        "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 198.51.100.0/25",
+        "[Peer]", "PublicKey = {pub2}", "AllowedIPs = 198.51.100.0/24"),
+        8, "AllowedIPs", "198.51.100.0/24 overlaps 198.51.100.0/25 of another peer on line 5"),
+    broken("overlap-identical", INTERFACE + (
+        "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.2/32",
+        "[Peer]", "PublicKey = {pub2}", "AllowedIPs = 203.0.113.2/32"),
+        8, "AllowedIPs", "203.0.113.2/32 overlaps 203.0.113.2/32 of another peer on line 5"),
+    broken("overlap-behind-own-nesting", INTERFACE + (
+        "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 198.51.100.0/24, 198.51.100.0/26",
+        "[Peer]", "PublicKey = {pub2}", "AllowedIPs = 198.51.100.192/26"),
+        8, "AllowedIPs", "198.51.100.192/26 overlaps 198.51.100.0/24 of another peer on line 5"),
+    broken("host-bits-set", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.5/24"), 5,
+           "AllowedIPs", "203.0.113.5/24 has host bits set (the network is 203.0.113.0/24)"),
+    broken("allowed-ips-not-an-address", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113/24"), 5,
+           "AllowedIPs", "203.0.113/24 is not an IPv4 or IPv6 address"),
+    broken("allowed-ips-netmask", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.0/255.255.255.0"),
+           5, "AllowedIPs", "203.0.113.0/255.255.255.0: prefix length must be 0-32"),
+    broken("allowed-ips-prefix-too-long", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 2001:db8::/129"),
+           5, "AllowedIPs", "2001:db8::/129: prefix length must be 0-128"),
+    broken("allowed-ips-empty-entry", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.0/24,"), 5,
+           "AllowedIPs", "'203.0.113.0/24,' has an empty entry"),
+    broken("endpoint-missing-port", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.1"), 5,
+           "Endpoint", "192.0.2.1: missing :port"),
+    broken("endpoint-empty-port", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.1:"), 5,
+           "Endpoint", "192.0.2.1:: missing port after ':'"),
+    broken("endpoint-port-0", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.1:0"), 5,
+           "Endpoint", "192.0.2.1:0: port must be 1-65535"),
+    broken("endpoint-port-70000", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = [2001:db8::1]:70000"), 5,
+           "Endpoint", "[2001:db8::1]:70000: port must be 1-65535"),
+    broken("endpoint-port-name", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.1:https"), 5,
+           "Endpoint", "192.0.2.1:https: port must be 1-65535"),
+    broken("endpoint-unbracketed-ipv6", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = 2001:db8::1:51820"),
+           5, "Endpoint", "2001:db8::1:51820: an IPv6 address needs brackets, like [2001:db8::1]:51820"),
+    broken("endpoint-empty-host", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = :51820"), 5,
+           "Endpoint", ":51820: empty host"),
+    broken("endpoint-empty-brackets", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = []:51820"), 5,
+           "Endpoint", "[]:51820: empty host"),
+    broken("endpoint-unclosed-bracket", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = [2001:db8::1:51820"),
+           5, "Endpoint", "[2001:db8::1:51820: missing ']' after the IPv6 address"),
+    broken("endpoint-ipv4-in-brackets", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = [192.0.2.1]:51820"),
+           5, "Endpoint", "[192.0.2.1]:51820: brackets hold an IPv6 address, '192.0.2.1' is not one"),
+    broken("endpoint-bad-ipv4", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.300:51820"), 5,
+           "Endpoint", "192.0.2.300:51820: '192.0.2.300' is neither an IPv4 address nor a DNS name"),
+    broken("endpoint-bad-name", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = vpn..example.com:51820"), 5,
+           "Endpoint", "vpn..example.com:51820: 'vpn..example.com' is neither an IPv4 address nor a DNS name"),
+    broken("endpoint-empty", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint ="), 5,
+           "Endpoint", "empty; expected host:port"),
+    broken("client-peer-without-endpoint", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 0.0.0.0/0"), 3,
+           "Endpoint", "missing; a client initiates, so every [Peer] needs one", role="client"),
+    broken("mtu-too-small", INTERFACE + ("MTU = 575",), 3, "MTU", "'575' is not a number in 576-65535"),
+    broken("mtu-too-large", INTERFACE + ("MTU = 65536",), 3, "MTU", "'65536' is not a number in 576-65535"),
+    broken("mtu-not-a-number", INTERFACE + ("MTU = 1420bytes",), 3, "MTU", "'1420bytes' is not a number in 576-65535"),
+    broken("mtu-too-small-for-ipv6", INTERFACE + ("MTU = 1279", "Address = 203.0.113.1/24, 2001:db8:100::1/64"), 3,
+           "MTU", "1279 is below 1280, the minimum with an IPv6 Address"),
+    broken("listen-port-0", INTERFACE + ("ListenPort = 0",), 3, "ListenPort", "'0' is not a number in 1-65535"),
+    broken("listen-port-65536", INTERFACE + ("ListenPort = 65536",), 3, "ListenPort",
+           "'65536' is not a number in 1-65535"),
+    broken("listen-port-negative", INTERFACE + ("ListenPort = -1",), 3, "ListenPort", "'-1' is not a number in 1-65535"),
+    broken("listen-port-unicode-digits", INTERFACE + ("ListenPort = \u0665\u0661\u0668\u0662\u0660",), 3, "ListenPort",
+           "'\u0665\u0661\u0668\u0662\u0660' is not a number in 1-65535"),
+    broken("address-garbage", INTERFACE + ("Address = 203.0.113.1/24, tunnel",), 3, "Address",
+           "tunnel is not an IPv4 or IPv6 address"),
+    broken("address-scoped", INTERFACE + ("Address = fe80::1%eth0/64",), 3, "Address",
+           "fe80::1%eth0/64: scoped addresses are not supported"),
+    broken("missing-private-key", ("[Interface]", "ListenPort = 51820"), 1, "PrivateKey",
+           "missing; [Interface] needs PrivateKey or PrivateKeyFile"),
+    broken("private-key-and-file", INTERFACE + ("PrivateKeyFile = server.key",), 3, "PrivateKeyFile",
+           "conflicts with PrivateKey on line 2; set only one", files={"server.key": ("{priv}\n", 0o600)}),
+    broken("psk-and-psk-file", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PresharedKeyFile = psk",
+                                            "PresharedKey = {psk}"),
+           6, "PresharedKey", "conflicts with PresharedKeyFile on line 5; set only one",
+           files={"psk": ("{psk}\n", 0o600)}),
+    broken("private-key-file-0644", ("[Interface]", "PrivateKeyFile = server.key"), 2, "PrivateKeyFile",
+           "{dir}/server.key is readable by group/others; chmod 600 it", files={"server.key": ("{priv}\n", 0o644)}),
+    broken("psk-file-group-writable", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PresharedKeyFile = psk"), 5,
+           "PresharedKeyFile", "{dir}/psk is writable by group/others; chmod 600 it", files={"psk": ("{psk}\n", 0o620)}),
+    broken("key-file-missing", ("[Interface]", "PrivateKeyFile = nowhere.key"), 2, "PrivateKeyFile",
+           "cannot open {dir}/nowhere.key: No such file or directory"),
+    broken("key-file-is-a-directory", ("[Interface]", "PrivateKeyFile = ."), 2, "PrivateKeyFile",
+           "{dir}/. is not a regular file"),
+    broken("key-file-garbage", ("[Interface]", "PrivateKeyFile = server.key"), 2, "PrivateKeyFile",
+           "{dir}/server.key: not valid base64", files={"server.key": ("-----BEGIN PRIVATE KEY-----\n", 0o600)}),
+    broken("key-file-empty", ("[Interface]", "PrivateKeyFile = server.key"), 2, "PrivateKeyFile",
+           "{dir}/server.key: a key is 32 bytes (44 base64 characters), this one is 0 bytes",
+           files={"server.key": ("", 0o600)}),
+    broken("inline-private-key-in-0644-config", INTERFACE, 2, "PrivateKey",
+           "{config} is readable by group/others; chmod 600 it", config_mode=0o644),
+    broken("inline-psk-in-0640-config", ("[Interface]", "PrivateKeyFile = server.key",
+                                         "[Peer]", "PublicKey = {pub1}", "PresharedKey = {psk}"),
+           5, "PresharedKey", "{config} is readable by group/others; chmod 600 it",
+           config_mode=0o640, files={"server.key": ("{priv}\n", 0o600)}),
+    broken("key-before-section", ("PrivateKey = {priv}", "[Interface]"), 1, "PrivateKey",
+           "comes before any section; put it under [Interface] or [Peer]"),
+    broken("unknown-section", INTERFACE + ("[Peers]", "PublicKey = {pub1}"), 3, None,
+           "unknown section [Peers]; expected [Interface] or [Peer]"),
+    broken("unclosed-section", INTERFACE + ("[Peer",), 3, None, "'[Peer': a section header is [Interface] or [Peer]"),
+    broken("second-interface", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "[Interface]"), 5, None,
+           "a second [Interface]; the first is on line 1"),
+    broken("missing-interface", ("[Peer]", "PublicKey = {pub1}"), 0, None, "no [Interface] section"),
+    broken("empty-file", ("",), 0, None, "no [Interface] section"),
+    broken("line-without-equals", INTERFACE + ("ListenPort 51820",), 3, None,
+           "expected 'Key = Value' or a [Section] header"),
+    broken("line-without-key", INTERFACE + ("= 51820",), 3, None, "expected 'Key = Value' or a [Section] header"),
+    broken("repeated-scalar", INTERFACE + ("ListenPort = 1", "listenport = 2"), 4, "listenport",
+           "repeated; already set on line 3"),
+    broken("repeated-public-key", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PublicKey = {pub2}"), 5, "PublicKey",
+           "repeated; already set on line 4"),
+    broken("device-with-slash", INTERFACE + ("Device = tv/0",), 3, "Device", "'tv/0': an interface name cannot contain '/'"),
+    broken("device-too-long", INTERFACE + ("Device = tunvpn-0123456789",), 3, "Device",
+           "'tunvpn-0123456789' is longer than 15 bytes"),
+    broken("device-dotdot", INTERFACE + ("Device = ..",), 3, "Device", "'..' is not a valid interface name"),
+    broken("device-space", INTERFACE + ("Device = tv 0",), 3, "Device", "'tv 0': an interface name cannot contain ' '"),
+    broken("device-template", INTERFACE + ("Device = tv%d",), 3, "Device", "'tv%d': an interface name cannot contain '%'"),
+    broken("device-default-from-bad-stem", INTERFACE, 1, "Device",
+           "the default from the file name does not work ('tv-my vpn': an interface name cannot contain ' '); set Device",
+           config_name="my vpn.conf"),
+    broken("keepalive-negative", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PersistentKeepalive = -1"), 5,
+           "PersistentKeepalive", "'-1' is neither off nor 0-65535 seconds"),
+    broken("keepalive-too-large", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PersistentKeepalive = 65536"), 5,
+           "PersistentKeepalive", "'65536' is neither off nor 0-65535 seconds"),
+    broken("keepalive-word", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PersistentKeepalive = sometimes"), 5,
+           "PersistentKeepalive", "'sometimes' is neither off nor 0-65535 seconds"),
+]
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_config_names_line_key_and_reason(case: Broken, tmp_path: Path, keys: Keys) -> None:
+    ph = keys.placeholders()
+    for name, (text, mode) in case.files.items():
+        write(tmp_path / name, text.format(**ph), mode)
+    path = write(tmp_path / case.config_name, conf(*case.lines).format(**ph), case.config_mode)
+    reason = case.reason.format(dir=tmp_path, config=path)
+    if case.line:
+        expected = f"{path}:{case.line}: {case.key}: {reason}" if case.key else f"{path}:{case.line}: {reason}"
+    else:
+        expected = f"{path}: {reason}"
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role=case.role, resolve=False)
+
+    assert str(caught.value) == expected
+    assert (caught.value.path, caught.value.line, caught.value.key) == (str(path), case.line, case.key)
+    assert "\n" not in str(caught.value)
+
+
+def test_at_least_25_broken_cases() -> None:
+    assert len(BROKEN) >= 25
+
+
+def test_unresolvable_endpoint_names_its_line(tmp_path: Path, keys: Keys) -> None:
+    """.invalid never resolves (RFC 6761), whatever the resolver or the network say."""
+    path = write(tmp_path / "wg0.conf", conf(*INTERFACE, "[Peer]", "PublicKey = {pub1}",
+                                             "Endpoint = tunvpn-test.invalid:51820").format(**keys.placeholders()))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="client")
+    message = str(caught.value)
+    assert re.fullmatch(re.escape(f"{path}:5: Endpoint: cannot resolve tunvpn-test.invalid: ") + r"\S[^\n]*", message)
+    # Without resolve=True the same file loads: the name was never looked up.
+    peer = load_config(path, role="client", resolve=False).peers[0]
+    assert peer.endpoint == ("tunvpn-test.invalid", 51820)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.conf"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server")
+    assert str(caught.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_config_that_is_not_utf8_names_the_line(tmp_path: Path, keys: Keys) -> None:
+    path = tmp_path / "wg0.conf"
+    path.write_bytes(conf(*INTERFACE).format(**keys.placeholders()).encode() + b"Device = tv-\xff\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server")
+    assert str(caught.value) == f"{path}:3: not UTF-8 text"
+
+
+def test_parse_config_does_not_check_the_config_mode(tmp_path: Path, keys: Keys) -> None:
+    """parse_config has text, no file: inline keys are fine there; load_config is the gatekeeper."""
+    path = write(tmp_path / "wg0.conf", conf(*INTERFACE).format(**keys.placeholders()), mode=0o644)
+    assert parse_config(path.read_text(), str(path), role="server").interface.private_key == keys.private
+
+
+def test_unknown_role_is_a_programming_error(tmp_path: Path, keys: Keys) -> None:
+    with pytest.raises(ValueError, match="role"):
+        parse_config(conf(*INTERFACE).format(**keys.placeholders()), str(tmp_path / "wg0.conf"), role="relay")
+
+
+def test_mangled_configs_only_ever_raise_config_error(tmp_path: Path, keys: Keys) -> None:
+    """Random edits of a valid file: any outcome but a ConfigError (or a Config) is a bug."""
+    original = STOCK_SERVER.format(**keys.placeholders())
+    alphabet = "[]=#:/,.% \t\n\r\x00\x0b\u2028\u00e9-_0123456789abcdefABCDEF+"
+    path = str(tmp_path / "wg0.conf")
+    rng = random.Random(20260127)
+    outcomes = {"config": 0, "error": 0}
+    for _ in range(3000):
+        text = list(original)
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(text))
+            action = rng.randrange(3)
+            if action == 0:
+                del text[position]
+            elif action == 1:
+                text.insert(position, rng.choice(alphabet))
+            else:
+                text[position] = rng.choice(alphabet)
+        try:
+            result = parse_config("".join(text), path, role="server", resolve=False)
+        except ConfigError as exc:
+            message = str(exc)
+            assert message.startswith(path) and "\n" not in message and "\r" not in message
+            outcomes["error"] += 1
+        else:
+            assert isinstance(result, Config)
+            outcomes["config"] += 1
+    assert outcomes["error"] > 500 and outcomes["config"] > 100  # both paths were really exercised

@@ -1,0 +1,606 @@
+"""wg-quick style configuration files, with every error reported as `FILE:LINE: KEY: reason`.
+
+configparser loses repeated [Peer] sections and line numbers, so this is a small parser of our
+own. Each section has a declarative table of keys (value parser, default, whether it repeats):
+a new key is one `Key` entry plus the dataclass field it fills. Keys that only wg-quick
+implements are refused by name instead of being ignored, so nobody believes a PostUp ran.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import stat
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from .keys import decode_key, derive_public_key
+
+ROLES = ("server", "client")
+DEFAULT_SERVER_PORT = 51820
+DEFAULT_MTU = 1420
+MIN_MTU = 576
+MIN_IPV6_MTU = 1280
+MAX_MTU = 65535
+DEVICE_PREFIX = "tv-"
+MAX_DEVICE_NAME_BYTES = 15  # IFNAMSIZ - 1
+MAX_CONFIG_BYTES = 1 << 20
+MAX_KEY_FILE_BYTES = 4096
+GROUP_OTHER_READ = 0o044
+GROUP_OTHER_WRITE = 0o022
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# --- public results -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InterfaceConfig:
+    private_key: bytes = field(repr=False)  # never in logs
+    listen_port: int | None
+    addresses: list[IPInterface]
+    mtu: int
+    device: str
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    public_key: bytes
+    preshared_key: bytes | None = field(repr=False)
+    allowed_ips: list[IPNetwork]
+    endpoint: tuple[str, int] | None  # as written: host unresolved, IPv6 without brackets
+    endpoint_address: tuple | None  # socket address, when resolved at load
+    persistent_keepalive: int
+    line: int  # the [Peer] header, so later errors can point at it
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    name: str
+    role: str
+    interface: InterfaceConfig
+    peers: list[PeerConfig]
+
+
+class ConfigError(Exception):
+    """A bad config, as one line: `FILE:LINE: KEY: reason` (LINE 0 = the whole file, KEY optional)."""
+
+    def __init__(self, path: str, line: int, key: str | None, reason: str) -> None:
+        super().__init__(path, line, key, reason)
+        self.path = path
+        self.line = line
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        text = f"{where}: {self.key}: {self.reason}" if self.key else f"{where}: {self.reason}"
+        return _one_line(text)
+
+
+def _one_line(text: str) -> str:
+    """Escape control and separator characters so a hostile value cannot forge log lines."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+# --- parsing context and key tables -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Context:
+    path: str
+    name: str
+    role: str
+    config_dir: str
+    config_exposure: str | None  # "readable"/"writable" when group/others may; None if fine or unchecked
+
+
+class _Required:
+    """Default of a key that must be set: the section is incomplete without it."""
+
+
+REQUIRED = _Required()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key. Keys that fill the same `attr` are alternatives (PrivateKey/PrivateKeyFile)."""
+
+    name: str
+    attr: str
+    parse: Callable[[str, _Context], Any]  # raises ValueError(reason)
+    default: Any = None  # a value, a function of the context, or REQUIRED; repeating keys start at []
+    repeats: bool = False  # each line adds to a list (AllowedIPs, Address), as in wg-quick
+    secret: bool = False  # inline secrets make the config file itself a secret
+
+
+# wg-quick keys tunvpn does not implement: refused by name so nobody thinks they took effect.
+WG_QUICK_ONLY_KEYS = ("PreUp", "PostUp", "PreDown", "PostDown", "Table", "SaveConfig", "FwMark", "DNS")
+
+
+# --- value parsers ------------------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _parse_int(text: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not low <= int(text) <= high:
+        raise ValueError(f"'{text}' is not a number in {low}-{high}")
+    return int(text)
+
+
+def _parse_port(value: str, ctx: _Context) -> int:
+    return _parse_int(value, 1, 65535)
+
+
+def _parse_mtu(value: str, ctx: _Context) -> int:
+    return _parse_int(value, MIN_MTU, MAX_MTU)
+
+
+def _parse_keepalive(value: str, ctx: _Context) -> int:
+    if value.lower() == "off":
+        return 0
+    if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) > 65535:
+        raise ValueError(f"'{value}' is neither off nor 0-65535 seconds")
+    return int(value)
+
+
+def _parse_key(value: str, ctx: _Context) -> bytes:
+    return decode_key(value)  # its InvalidKey is a ValueError and never quotes the secret
+
+
+def _parse_key_file(value: str, ctx: _Context) -> bytes:
+    if not value:
+        raise ValueError("empty file name")
+    path = os.path.join(ctx.config_dir, value)
+    text = _read_secret_file(path)
+    try:
+        return decode_key(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _exposure(mode: int) -> str | None:
+    if mode & GROUP_OTHER_READ:
+        return "readable"
+    if mode & GROUP_OTHER_WRITE:
+        return "writable"
+    return None
+
+
+def _read_secret_file(path: str) -> str:
+    """Read a small regular file that only its owner can touch (fstat: symlinks count as their target)."""
+    try:
+        # O_NONBLOCK: a FIFO given as key file fails the regular-file check instead of hanging.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot open {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path} is not a regular file")
+        exposure = _exposure(mode)
+        if exposure:
+            raise ValueError(f"{path} is {exposure} by group/others; chmod 600 it")
+        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} is too large to hold a key")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} does not hold a base64 key") from exc
+
+
+def _list_items(value: str, separator: str) -> list[str]:
+    if not value:
+        return []  # an empty AllowedIPs/Address line adds nothing, as in wg and wg-quick
+    items = [item.strip() for item in re.split(separator, value)]
+    if "" in items:
+        raise ValueError(f"'{value}' has an empty entry")
+    return items
+
+
+def _parse_prefix(item: str) -> tuple[IPAddress, int]:
+    """ADDRESS[/LENGTH] with a decimal length (no netmasks, no scope ids); bare = host prefix."""
+    address_text, slash, length_text = item.partition("/")
+    if "%" in address_text:
+        raise ValueError(f"{item}: scoped addresses are not supported")
+    try:
+        address = ipaddress.ip_address(address_text)
+    except ValueError:
+        raise ValueError(f"{item} is not an IPv4 or IPv6 address") from None
+    if not slash:
+        return address, address.max_prefixlen
+    if not re.fullmatch(r"[0-9]{1,3}", length_text) or int(length_text) > address.max_prefixlen:
+        raise ValueError(f"{item}: prefix length must be 0-{address.max_prefixlen}")
+    return address, int(length_text)
+
+
+def _parse_addresses(value: str, ctx: _Context) -> list[IPInterface]:
+    # wg-quick splits Address on commas and whitespace alike.
+    interfaces = []
+    for item in _list_items(value, r"[,\s]+"):
+        address, length = _parse_prefix(item)
+        interfaces.append(ipaddress.ip_interface(f"{address}/{length}"))
+    return interfaces
+
+
+def _parse_allowed_ips(value: str, ctx: _Context) -> list[IPNetwork]:
+    networks = []
+    for item in _list_items(value, ","):
+        address, length = _parse_prefix(item)
+        network = ipaddress.ip_network(f"{address}/{length}", strict=False)
+        if network.network_address != address:
+            raise ValueError(f"{item} has host bits set (the network is {network})")
+        networks.append(network)
+    return networks
+
+
+def _check_host(host: str, endpoint: str) -> None:
+    try:
+        ipaddress.IPv4Address(host)
+        return
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    # An all-numeric last label is a mistyped IPv4 address, never a DNS name (RFC 3696, 2).
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise ValueError(f"{endpoint}: '{host}' is neither an IPv4 address nor a DNS name")
+
+
+def _parse_endpoint(value: str, ctx: _Context) -> tuple[str, int]:
+    """HOST:PORT or [IPV6]:PORT; the host stays unresolved here."""
+    if not value:
+        raise ValueError("empty; expected host:port")
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"{value}: missing ']' after the IPv6 address")
+        if not host:
+            raise ValueError(f"{value}: empty host")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value}: brackets hold an IPv6 address, '{host}' is not one") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"{value}: missing :port")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = value.rpartition(":")
+        if not colon:
+            raise ValueError(f"{value}: missing :port")
+        if ":" in host:
+            raise ValueError(f"{value}: an IPv6 address needs brackets, like [2001:db8::1]:51820")
+        if not host:
+            raise ValueError(f"{value}: empty host")
+        _check_host(host, value)
+    if not port_text:
+        raise ValueError(f"{value}: missing port after ':'")
+    if not re.fullmatch(r"[0-9]{1,10}", port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value}: port must be 1-65535")
+    return host, int(port_text)
+
+
+def _valid_device_name(name: str) -> str:
+    """The kernel's dev_valid_name(), plus '%', which TUNSETIFF would expand as a number template."""
+    if not name:
+        raise ValueError("empty interface name")
+    if name in (".", ".."):
+        raise ValueError(f"'{name}' is not a valid interface name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_DEVICE_NAME_BYTES:
+        raise ValueError(f"'{name}' is longer than {MAX_DEVICE_NAME_BYTES} bytes")
+    for ch in name:
+        if ch in "/:%" or ch.isspace() or not ch.isprintable():
+            raise ValueError(f"'{name}': an interface name cannot contain {ch!r}")
+    return name
+
+
+def _parse_device(value: str, ctx: _Context) -> str:
+    return _valid_device_name(value)
+
+
+def _default_device(ctx: _Context) -> str:
+    name = (DEVICE_PREFIX + ctx.name)[:MAX_DEVICE_NAME_BYTES]
+    try:
+        return _valid_device_name(name)
+    except ValueError as exc:
+        raise ValueError(f"the default from the file name does not work ({exc}); set Device") from exc
+
+
+def _default_listen_port(ctx: _Context) -> int | None:
+    """A server listens where clients expect it; a client takes an ephemeral port."""
+    return DEFAULT_SERVER_PORT if ctx.role == "server" else None
+
+
+INTERFACE_KEYS: tuple[Key, ...] = (
+    Key("PrivateKey", "private_key", _parse_key, default=REQUIRED, secret=True),
+    Key("PrivateKeyFile", "private_key", _parse_key_file, default=REQUIRED),
+    Key("ListenPort", "listen_port", _parse_port, default=_default_listen_port),
+    Key("Address", "addresses", _parse_addresses, repeats=True),
+    Key("MTU", "mtu", _parse_mtu, default=DEFAULT_MTU),
+    Key("Device", "device", _parse_device, default=_default_device),
+)
+
+PEER_KEYS: tuple[Key, ...] = (
+    Key("PublicKey", "public_key", _parse_key, default=REQUIRED),
+    Key("PresharedKey", "preshared_key", _parse_key, secret=True),
+    Key("PresharedKeyFile", "preshared_key", _parse_key_file),
+    Key("AllowedIPs", "allowed_ips", _parse_allowed_ips, repeats=True),
+    Key("Endpoint", "endpoint", _parse_endpoint),
+    Key("PersistentKeepalive", "persistent_keepalive", _parse_keepalive, default=0),
+)
+
+
+@dataclass(frozen=True)
+class _SectionSpec:
+    name: str
+    keys: tuple[Key, ...]
+    refused: tuple[str, ...]  # known elsewhere, not implemented by tunvpn
+
+    def lookup(self, written: str) -> Key | None:
+        return next((key for key in self.keys if key.name.lower() == written.lower() and written.isascii()), None)
+
+    def alternatives(self, attr: str) -> str:
+        return " or ".join(key.name for key in self.keys if key.attr == attr)
+
+
+INTERFACE = _SectionSpec("Interface", INTERFACE_KEYS, WG_QUICK_ONLY_KEYS)
+PEER = _SectionSpec("Peer", PEER_KEYS, ())
+SECTIONS = (INTERFACE, PEER)
+
+
+# --- reading lines into sections ----------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    key: str  # as written, for messages
+    line: int
+    value: Any
+
+
+@dataclass
+class _Section:
+    spec: _SectionSpec
+    line: int
+    entries: dict[str, list[_Entry]] = field(default_factory=dict)  # by attr, in file order
+
+    def where(self, attr: str) -> tuple[int, str]:
+        """Line and key to blame for `attr`: its first line, else the section header."""
+        entries = self.entries.get(attr)
+        if entries:
+            return entries[0].line, entries[0].key
+        return self.line, self.spec.alternatives(attr)
+
+    def add(self, written: str, value: str, line: int, ctx: _Context) -> None:
+        key = self.spec.lookup(written)
+        if key is None:
+            raise ConfigError(ctx.path, line, written, self._unknown_key_reason(written))
+        earlier = self.entries.get(key.attr)
+        if earlier and not key.repeats:
+            first = earlier[0]
+            if first.key.lower() == written.lower():
+                reason = f"repeated; already set on line {first.line}"
+            else:
+                reason = f"conflicts with {first.key} on line {first.line}; set only one"
+            raise ConfigError(ctx.path, line, written, reason)
+        if key.secret and ctx.config_exposure:
+            raise ConfigError(ctx.path, line, written, f"{ctx.path} is {ctx.config_exposure} by group/others; chmod 600 it")
+        try:
+            parsed = key.parse(value, ctx)
+        except ValueError as exc:
+            raise ConfigError(ctx.path, line, written, str(exc)) from None
+        self.entries.setdefault(key.attr, []).append(_Entry(written, line, parsed))
+
+    def _unknown_key_reason(self, written: str) -> str:
+        if any(written.lower() == refused.lower() for refused in self.spec.refused):
+            return "tunvpn does not support this wg-quick key; remove it"
+        for other in SECTIONS:
+            if other is not self.spec and other.lookup(written):
+                return f"belongs in [{other.name}], not [{self.spec.name}]"
+        return f"unknown key in [{self.spec.name}]"
+
+    def values(self, ctx: _Context) -> dict[str, Any]:
+        """Every attr of the section, from its lines or its default."""
+        values: dict[str, Any] = {}
+        for key in self.spec.keys:
+            if key.attr in values:
+                continue  # an alternative of a key already handled
+            entries = self.entries.get(key.attr, [])
+            if key.repeats:
+                values[key.attr] = [item for entry in entries for item in entry.value]
+            elif entries:
+                values[key.attr] = entries[0].value
+            elif key.default is REQUIRED:
+                names = self.spec.alternatives(key.attr)
+                raise ConfigError(ctx.path, self.line, key.name, f"missing; [{self.spec.name}] needs {names}")
+            elif callable(key.default):
+                try:
+                    values[key.attr] = key.default(ctx)
+                except ValueError as exc:
+                    raise ConfigError(ctx.path, self.line, key.name, str(exc)) from None
+            else:
+                values[key.attr] = key.default
+        return values
+
+
+def _open_section(header: str, line: int, ctx: _Context) -> _Section:
+    if not header.endswith("]"):
+        raise ConfigError(ctx.path, line, None, f"'{header}': a section header is [Interface] or [Peer]")
+    name = header[1:-1].strip()
+    spec = next((spec for spec in SECTIONS if spec.name.lower() == name.lower() and name.isascii()), None)
+    if spec is None:
+        raise ConfigError(ctx.path, line, None, f"unknown section [{name}]; expected [Interface] or [Peer]")
+    return _Section(spec, line)
+
+
+def _read_sections(text: str, ctx: _Context) -> list[_Section]:
+    sections: list[_Section] = []
+    current: _Section | None = None
+    interface_line = 0
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            current = _open_section(line, number, ctx)
+            if current.spec is INTERFACE:
+                if interface_line:
+                    raise ConfigError(ctx.path, number, None, f"a second [Interface]; the first is on line {interface_line}")
+                interface_line = number
+            sections.append(current)
+            continue
+        key, equals, value = line.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise ConfigError(ctx.path, number, None, "expected 'Key = Value' or a [Section] header")
+        if current is None:
+            raise ConfigError(ctx.path, number, key, "comes before any section; put it under [Interface] or [Peer]")
+        current.add(key, value.strip(), number, ctx)
+    return sections
+
+
+# --- whole-config rules -------------------------------------------------------------------------
+
+def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
+    values = section.values(ctx)
+    if values["mtu"] < MIN_IPV6_MTU and any(address.version == 6 for address in values["addresses"]):
+        line, key = section.where("mtu")
+        raise ConfigError(ctx.path, line, key, f"{values['mtu']} is below {MIN_IPV6_MTU}, the minimum with an IPv6 Address")
+    return InterfaceConfig(**values)
+
+
+def _build_peer(section: _Section, ctx: _Context) -> PeerConfig:
+    values = section.values(ctx)
+    if ctx.role == "client" and values["endpoint"] is None:
+        raise ConfigError(ctx.path, section.line, "Endpoint", "missing; a client initiates, so every [Peer] needs one")
+    return PeerConfig(**values, endpoint_address=None, line=section.line)
+
+
+def _check_peer_keys(interface: InterfaceConfig, peers: list[tuple[PeerConfig, _Section]], ctx: _Context) -> None:
+    own = derive_public_key(interface.private_key)
+    first_seen: dict[bytes, int] = {}
+    for peer, section in peers:
+        line, key = section.where("public_key")
+        if peer.public_key == own:
+            raise ConfigError(ctx.path, line, key, "is this [Interface]'s own public key; a peer cannot be itself")
+        if peer.public_key in first_seen:
+            raise ConfigError(ctx.path, line, key, f"same peer as the PublicKey on line {first_seen[peer.public_key]}")
+        first_seen[peer.public_key] = line
+
+
+class _Span(NamedTuple):
+    version: int
+    first: int
+    last: int
+    owner: int  # index of the peer
+    line: int
+    key: str
+    network: IPNetwork
+
+    def contains(self, other: _Span) -> bool:
+        return self.version == other.version and self.first <= other.first and other.last <= self.last
+
+
+def _check_overlaps(peer_sections: list[_Section], ctx: _Context) -> None:
+    """Two peers claiming one address make routing depend on line order: refuse it.
+
+    CIDR blocks either nest or are disjoint, so after sorting by start (widest first) a block
+    overlaps an earlier one exactly when it lies inside the innermost still-open block.
+    """
+    spans = sorted(
+        (
+            _Span(net.version, int(net.network_address), int(net.broadcast_address), owner, entry.line, entry.key, net)
+            for owner, section in enumerate(peer_sections)
+            for entry in section.entries.get("allowed_ips", [])
+            for net in entry.value
+        ),
+        key=lambda span: (span.version, span.first, -span.last),
+    )
+    open_blocks: list[_Span] = []  # nested, all of one peer: a second peer would have raised
+    for span in spans:
+        while open_blocks and not open_blocks[-1].contains(span):
+            open_blocks.pop()
+        if open_blocks and open_blocks[-1].owner != span.owner:
+            earlier, later = sorted((open_blocks[-1], span), key=lambda s: s.line)
+            raise ConfigError(
+                ctx.path, later.line, later.key,
+                f"{later.network} overlaps {earlier.network} of another peer on line {earlier.line}",
+            )
+        open_blocks.append(span)
+
+
+def resolve_endpoint(host: str, port: int) -> tuple:
+    """The first UDP socket address for host:port, as wg(8) picks it: (ip, port) or (ip, port, flow, scope).
+
+    Raises OSError (socket.gaierror included) when the name does not resolve.
+    """
+    for family, _, _, _, address in socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM, socket.IPPROTO_UDP):
+        if family in (socket.AF_INET, socket.AF_INET6):
+            return address
+    raise OSError(f"no IPv4 or IPv6 address for {host}")
+
+
+def _resolve(peer: PeerConfig, section: _Section, ctx: _Context) -> PeerConfig:
+    if peer.endpoint is None:
+        return peer
+    host, port = peer.endpoint
+    try:
+        address = resolve_endpoint(host, port)
+    except (OSError, UnicodeError) as exc:
+        line, key = section.where("endpoint")
+        raise ConfigError(ctx.path, line, key, f"cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}") from None
+    return replace(peer, endpoint_address=address)
+
+
+def _parse(text: str, path: str, role: str, resolve: bool, config_exposure: str | None) -> Config:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")  # a caller's bug, not bad input
+    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), config_exposure)
+    sections = _read_sections(text.removeprefix("\ufeff"), ctx)
+    interface_section = next((section for section in sections if section.spec is INTERFACE), None)
+    if interface_section is None:
+        raise ConfigError(path, 0, None, "no [Interface] section")
+    interface = _build_interface(interface_section, ctx)
+    peer_sections = [section for section in sections if section.spec is PEER]
+    peers = [(_build_peer(section, ctx), section) for section in peer_sections]
+    _check_peer_keys(interface, peers, ctx)
+    _check_overlaps(peer_sections, ctx)
+    if resolve:
+        peers = [(_resolve(peer, section, ctx), section) for peer, section in peers]
+    return Config(path, ctx.name, role, interface, [peer for peer, _ in peers])
+
+
+def parse_config(text: str, path: str, role: str, resolve: bool = True) -> Config:
+    """Parse config text named `path` (for messages, the default Device and relative *File keys).
+
+    The config's own file mode is not checked here; key files named by *File keys still are.
+    """
+    return _parse(text, os.fspath(path), role, resolve, config_exposure=None)
+
+
+def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True) -> Config:
+    """Read and parse a config file; inline secrets in a file others can read are refused."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode  # of the target when path is a symlink
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(path, 0, None, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, 0, None, f"larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text") from None
+    return _parse(text, path, role, resolve, config_exposure=_exposure(mode))
