@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -45,3 +46,12 @@ def _require_root(request: pytest.FixtureRequest) -> None:
     """Root tests fail, not skip, without root: a skipped interop test proves nothing."""
     if request.node.get_closest_marker("root") and os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces, tun); run `sudo make test`")
+
+
+@pytest.fixture
+def lab() -> Iterator["Lab"]:
+    """A fresh lab of network namespaces, removed after the test whatever happens."""
+    from netlab import Lab  # root tests only: the import itself needs nothing, the lab needs root
+
+    with Lab() as new_lab:
+        yield new_lab

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
+from .protocol.device import DEFAULT_LOAD_THRESHOLD
 from .keys import InvalidKey, decode_key, derive_public_key, encode_key, generate_preshared_key, generate_private_key
 
 EXIT_USAGE = 2
@@ -23,12 +25,42 @@ def _genpsk(args: argparse.Namespace) -> int:
 
 def _pubkey(args: argparse.Namespace) -> int:
     try:
-        private = decode_key(sys.stdin.read())
+        # Bytes, not sys.stdin's text: undecodable input must get the one-line error, not a traceback.
+        private = decode_key(sys.stdin.buffer.read().decode("ascii", errors="replace"))
     except InvalidKey as exc:
         print(f"tunvpn pubkey: stdin: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(encode_key(derive_public_key(private)))
     return 0
+
+
+def _run_tunnel(args: argparse.Namespace) -> int:
+    # Imported here so that key commands work without pyroute2 installed.
+    from .config import ConfigError, load_config
+    from .io.netlink import NetlinkError
+    from .io.tun import TunError
+    from .io.udp import UdpError
+    from .tunnel import StartupError, run
+
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is one line per netlink message
+    try:
+        config = load_config(args.config, role=args.command)
+    except ConfigError as exc:
+        print(f"tunvpn {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(config, load_threshold=args.handshake_load_threshold)
+    except (StartupError, TunError, NetlinkError, UdpError) as exc:
+        logging.getLogger("tunvpn").error("%s", exc)
+        return 1
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("genkey", help="print a new private key").set_defaults(func=_genkey)
     sub.add_parser("pubkey", help="read a private key on stdin, print its public key").set_defaults(func=_pubkey)
     sub.add_parser("genpsk", help="print a new preshared key").set_defaults(func=_genpsk)
+    for role in ("server", "client"):
+        cmd = sub.add_parser(role, help=f"run a tunvpn {role} in the foreground")
+        cmd.add_argument("-c", "--config", required=True, metavar="FILE", help="wg-quick style config file")
+        cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        cmd.add_argument(
+            "--handshake-load-threshold", type=_non_negative, default=DEFAULT_LOAD_THRESHOLD, metavar="N",
+            help="handshake messages per second above which cookies are demanded (0: always; default %(default)s)",
+        )
+        cmd.set_defaults(func=_run_tunnel)
     return parser
 
 

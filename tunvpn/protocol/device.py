@@ -78,12 +78,19 @@ class KeysExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class CookieReceived:
+    """The peer is under load: our next handshake message to it carries mac2."""
+
+    public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointChanged:
     public_key: bytes
     endpoint: Endpoint
 
 
-Event = HandshakeCompleted | HandshakeGaveUp | KeysExpired | EndpointChanged
+Event = HandshakeCompleted | HandshakeGaveUp | KeysExpired | CookieReceived | EndpointChanged
 
 
 class Device:
@@ -485,6 +492,8 @@ class Device:
         peer = owner.peer if owner.__class__ is Keypair else owner
         if peer is None or not peer.cookies.consume_reply(reply, now):
             self.dropped["bad_cookie_reply"] += 1
+        else:
+            self._events.append(CookieReceived(peer.public_key))
 
     def _set_endpoint(self, peer: Peer, source: Endpoint) -> None:
         if source != peer.endpoint:

@@ -1,0 +1,123 @@
+"""Run tunvpn daemons inside lab hosts, the way an admin would: a config file and `tunvpn ROLE -c`."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from netlab import Host, LabError, LabTimeout, python_env, stop_process, wait_until
+
+START_TIMEOUT = 10.0
+
+
+class Tunvpn:
+    """One `python -m tunvpn server|client` process; its log is collected line by line."""
+
+    def __init__(self, host: Host, role: str, config_text: str, name: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.host = host
+        self.role = role
+        self.name = name or role
+        self.extra_args = extra_args
+        self._dir = Path(tempfile.mkdtemp(prefix="tunvpn-test-"))
+        host.lab.add_cleanup(self._remove_files)
+        self.config_path = self._dir / f"{self.name}.conf"
+        self.write_config(config_text)
+        self.process: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def write_config(self, text: str) -> None:
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+
+    def _remove_files(self) -> None:
+        for path in self._dir.iterdir():
+            path.unlink()
+        self._dir.rmdir()
+
+    @property
+    def device(self) -> str:
+        return "tv-" + self.name[:12]
+
+    def start(self, wait: bool = True) -> Tunvpn:
+        cmd = [sys.executable, "-m", "tunvpn", self.role, "-c", str(self.config_path),
+               "--log-level", "debug", *self.extra_args]
+        self.lines = []
+        self.process = self.host.popen(cmd, env=python_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._collect, args=(self.process,), daemon=True).start()
+        if wait:
+            self.wait_log(r" up: device ", START_TIMEOUT)
+        return self
+
+    def _collect(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def log(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float, after: int = 0) -> str:
+        """Wait for a log line matching `pattern` (among lines from index `after` on)."""
+        regex = re.compile(pattern)
+
+        def found() -> str | None:
+            if self.process is not None and self.process.poll() is not None:
+                raise LabError(f"tunvpn {self.role} exited with {self.process.returncode}:\n{self.log()}")
+            with self._lock:
+                return next((line for line in self.lines[after:] if regex.search(line)), None)
+
+        try:
+            return wait_until(found, timeout, what=f"log line /{pattern}/ from tunvpn {self.role}")
+        except LabTimeout as exc:
+            raise LabTimeout(f"{exc}\n--- log ---\n{self.log()}") from None
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def statistics(self, timeout: float = 5.0) -> list[str]:
+        """Ask for the SIGUSR2 statistics dump and return its lines."""
+        mark = len(self.lines)
+        self.signal(signal.SIGUSR2)
+        self.wait_log(r"INFO: device: dropped", timeout, after=mark)
+        with self._lock:
+            return [line for line in self.lines[mark:] if line.startswith(("INFO: peer", "INFO: device:"))]
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait: the exit code (the daemon must exit 0 on SIGTERM)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(self.process)
+            raise LabTimeout(f"tunvpn {self.role} did not exit within {timeout}s of SIGTERM:\n{self.log()}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def wait_for_ping(host: Host, address: str, timeout: float) -> float:
+    """Ping once a second until one answer comes back; returns how long it took."""
+    start = time.monotonic()
+
+    def answered() -> bool:
+        return host.ping(address, count=1, timeout=1, check=False).returncode == 0
+
+    wait_until(answered, timeout, interval=0.0, what=f"a ping answer from {address} on {host.role}")
+    return time.monotonic() - start
