@@ -47,6 +47,7 @@ from .messages import (
     Response,
     padded_length,
 )
+from .control import CONTROL_MARKER
 from .noise import Identity, NoiseError, open_initiation
 from .peer import STAGED_PACKETS_MAX, Peer
 
@@ -85,12 +86,20 @@ class CookieReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlReceived:
+    """A tunvpn control message from an authenticated peer (see control.py)."""
+
+    public_key: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointChanged:
     public_key: bytes
     endpoint: Endpoint
 
 
-Event = HandshakeCompleted | HandshakeGaveUp | KeysExpired | CookieReceived | EndpointChanged
+Event = HandshakeCompleted | HandshakeGaveUp | KeysExpired | CookieReceived | ControlReceived | EndpointChanged
 
 
 class Device:
@@ -100,8 +109,13 @@ class Device:
         *,
         mtu: int = DEFAULT_MTU,
         load_threshold: int = DEFAULT_LOAD_THRESHOLD,
+        forward_between_peers: bool | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        """`forward_between_peers`: None hands every packet to the tun, as WireGuard does;
+        True seals a packet from one peer to another peer's address straight back out;
+        False drops it (and counts it) instead."""
+        self.forward_between_peers = forward_between_peers
         self.identity = Identity(StaticKey(private_key))
         self.mtu = mtu
         self._random_bytes = random_bytes
@@ -173,6 +187,23 @@ class Device:
         peer.timers.stop_all()
         self.allowed_ips.remove_owner(peer)
         peer.scheduled_at = float("inf")
+
+    def set_endpoint(self, public_key: bytes, endpoint: Endpoint) -> None:
+        self.peers[public_key].endpoint = endpoint
+
+    def add_allowed_ip(self, public_key: bytes, network: IPNetwork | str) -> None:
+        self.allowed_ips.insert(network, self.peers[public_key])
+
+    def drop_sessions(self, public_key: bytes) -> None:
+        """Forget a peer's keys now (it said goodbye); the next packet starts a handshake."""
+        self._forget_sessions(self.peers[public_key])
+
+    def send_to_peer(self, public_key: bytes, payloads: Iterable[bytes], now: float) -> None:
+        """Seal payloads (e.g. control messages) for one peer, bypassing cryptokey routing."""
+        peer = self.peers[public_key]
+        self._stage(peer, list(payloads))
+        self._send_staged(peer, now)
+        self._schedule(peer)
 
     def allowed_ips_of(self, public_key: bytes) -> list[IPNetwork]:
         return self.allowed_ips.networks_of(self.peers[public_key])
@@ -325,6 +356,8 @@ class Device:
         lookup_v4 = self.allowed_ips.lookup_v4
         lookup_v6 = self.allowed_ips.lookup_v6
         dropped = self.dropped
+        forward = self.forward_between_peers
+        relay: list[bytes] | None = None if forward is None else []
         for data, source in datagrams:
             size = len(data)
             if size < TRANSPORT_MIN_SIZE:
@@ -367,6 +400,9 @@ class Device:
             elif version == 6 and len(plaintext) >= 40:
                 length = 40 + int.from_bytes(plaintext[4:6], "big")
                 owner = lookup_v6(plaintext[8:24])
+            elif plaintext[0] == CONTROL_MARKER:
+                self._events.append(ControlReceived(peer.public_key, plaintext))
+                continue
             else:
                 peer.dropped["not_ip"] += 1
                 continue
@@ -376,9 +412,21 @@ class Device:
             if length > len(plaintext) or length < 20:
                 peer.dropped["bad_ip_length"] += 1
                 continue
-            packets.append(plaintext if length == len(plaintext) else plaintext[:length])
+            packet = plaintext if length == len(plaintext) else plaintext[:length]
+            if relay is None:
+                packets.append(packet)
+                continue
+            target = lookup_v4(packet[16:20]) if version == 4 else lookup_v6(packet[24:40])
+            if target is None:
+                packets.append(packet)
+            elif forward:
+                relay.append(packet)
+            else:
+                peer.dropped["peer_to_peer_blocked"] += 1
         for peer, had_data in touched.items():
             self._after_receive(peer, had_data, now)
+        if relay:
+            self.send_packets(relay, now)
         return packets
 
     def _received_with(self, peer: Peer, keypair: Keypair, now: float) -> None:
