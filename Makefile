@@ -12,18 +12,22 @@ export PYTHONDONTWRITEBYTECODE := 1
 APT_PACKAGES := python3 python3-venv python3-pip python3-cryptography python3-pyroute2 python3-pytest \
 	wireguard-go wireguard-tools iproute2 iputils-ping nftables procps
 
-.PHONY: test unit deps venv check-root clean
+.PHONY: test unit demo deps venv check-root clean
 
 test: check-root deps venv
 	tools/run-pytest $(VENV)/bin/python $(PYTEST_ARGS)
 	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider $(PYTEST_ARGS)
+
+# An office VPN in network namespaces: server, LAN host, two clients; cleaned up at the end.
+demo: check-root deps
+	$(DEBIAN_PYTHON) tools/demo
 
 # The tests that need no root, under the venv only: the quick loop while coding.
 unit: venv
 	tools/run-pytest $(VENV)/bin/python tests/unit $(PYTEST_ARGS)
 
 check-root:
-	@if [ "$$(id -u)" != 0 ]; then echo "make test needs root (tun devices, network namespaces): sudo make test" >&2; exit 1; fi
+	@if [ "$$(id -u)" != 0 ]; then echo "this needs root (tun devices, network namespaces): sudo make $(MAKECMDGOALS)" >&2; exit 1; fi
 
 deps:
 	tools/ensure-deps $(APT_PACKAGES)

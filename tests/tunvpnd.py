@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,8 @@ class Tunvpn:
         self._dir = Path(tempfile.mkdtemp(prefix="tunvpn-test-"))
         host.lab.add_cleanup(self._remove_files)
         self.config_path = self._dir / f"{self.name}.conf"
+        self.control_socket = self._dir / f"{self.name}.sock"
+        self.state_dir = self._dir / "state"
         self.write_config(config_text)
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
@@ -40,9 +44,7 @@ class Tunvpn:
             file.write(text)
 
     def _remove_files(self) -> None:
-        for path in self._dir.iterdir():
-            path.unlink()
-        self._dir.rmdir()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
     def device(self) -> str:
@@ -50,7 +52,9 @@ class Tunvpn:
 
     def start(self, wait: bool = True) -> Tunvpn:
         cmd = [sys.executable, "-m", "tunvpn", self.role, "-c", str(self.config_path),
-               "--log-level", "debug", *self.extra_args]
+               "--log-level", "debug", "--control-socket", str(self.control_socket), *self.extra_args]
+        if self.role == "server":
+            cmd += ["--state-dir", str(self.state_dir)]
         self.lines = []
         self.process = self.host.popen(cmd, env=python_env(), stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
@@ -105,6 +109,15 @@ class Tunvpn:
         except subprocess.TimeoutExpired:
             stop_process(self.process)
             raise LabTimeout(f"tunvpn {self.role} did not exit within {timeout}s of SIGTERM:\n{self.log()}")
+
+    def show(self) -> dict:
+        """`tunvpn show --json` against this daemon's control socket, run inside its host."""
+        result = self.host.run([sys.executable, "-m", "tunvpn", "show", "--control-socket",
+                                str(self.control_socket), "--json"], env=python_env())
+        return json.loads(result.stdout)
+
+    def peer(self, public_key: str) -> dict:
+        return next(p for p in self.show()["peers"] if p["public_key"] == public_key)
 
     def kill(self) -> None:
         assert self.process is not None

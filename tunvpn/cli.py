@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
+from .checkconfig import register_check_config_parser
 from .protocol.device import DEFAULT_LOAD_THRESHOLD
+from .show import register_show_parser
 from .keys import InvalidKey, decode_key, derive_public_key, encode_key, generate_preshared_key, generate_private_key
 
 EXIT_USAGE = 2
@@ -34,13 +37,14 @@ def _pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_tunnel(args: argparse.Namespace) -> int:
+def _run_daemon(args: argparse.Namespace) -> int:
     # Imported here so that key commands work without pyroute2 installed.
     from .config import ConfigError, load_config
+    from .daemon import Options, StartupError
+    from .io.controlsocket import ControlSocketError
     from .io.netlink import NetlinkError
     from .io.tun import TunError
     from .io.udp import UdpError
-    from .tunnel import StartupError, run
 
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is one line per netlink message
@@ -49,9 +53,15 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tunvpn {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    options = Options(control_socket=args.control_socket, state_dir=getattr(args, "state_dir", None),
+                      load_threshold=args.handshake_load_threshold)
+    if args.command == "server":
+        from .server import Server as role
+    else:
+        from .client import Client as role
     try:
-        return run(config, load_threshold=args.handshake_load_threshold)
-    except (StartupError, TunError, NetlinkError, UdpError) as exc:
+        return role(config, options).run()
+    except (StartupError, TunError, NetlinkError, UdpError, ControlSocketError) as exc:
         logging.getLogger("tunvpn").error("%s", exc)
         return 1
 
@@ -73,12 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("server", "client"):
         cmd = sub.add_parser(role, help=f"run a tunvpn {role} in the foreground")
         cmd.add_argument("-c", "--config", required=True, metavar="FILE", help="wg-quick style config file")
+        cmd.add_argument("--control-socket", type=Path, metavar="PATH",
+                         help="where `tunvpn show` finds this daemon (default /run/tunvpn/NAME.sock)")
+        if role == "server":
+            cmd.add_argument("--state-dir", type=Path, metavar="DIR",
+                             help="leases and endpoints (default StateDirectory=, else /var/lib/tunvpn/NAME)")
         cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
         cmd.add_argument(
             "--handshake-load-threshold", type=_non_negative, default=DEFAULT_LOAD_THRESHOLD, metavar="N",
             help="handshake messages per second above which cookies are demanded (0: always; default %(default)s)",
         )
-        cmd.set_defaults(func=_run_tunnel)
+        cmd.set_defaults(func=_run_daemon)
+    register_show_parser(sub)
+    register_check_config_parser(sub)
     return parser
 
 

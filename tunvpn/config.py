@@ -2,8 +2,10 @@
 
 configparser loses repeated [Peer] sections and line numbers, so this is a small parser of our
 own. Each section has a declarative table of keys (value parser, default, whether it repeats):
-a new key is one `Key` entry plus the dataclass field it fills. Keys that only wg-quick
-implements are refused by name instead of being ignored, so nobody believes a PostUp ran.
+a new key is one `Key` entry plus the dataclass field it fills, and the roles (server, client)
+it means something in; a key of the other role is an error, never silently ignored. Keys that
+only wg-quick implements are refused by name for the same reason: nobody should believe a
+PostUp ran.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import socket
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .keys import decode_key, derive_public_key
+from .protocol.control import MAX_DNS_SERVERS, MAX_ROUTES, MAX_SEARCH_DOMAINS, ConfigPush, ControlError, encode
 
 ROLES = ("server", "client")
 DEFAULT_SERVER_PORT = 51820
@@ -31,6 +34,8 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_KEY_FILE_BYTES = 4096
 GROUP_OTHER_READ = 0o044
 GROUP_OTHER_WRITE = 0o022
+DEFAULT_STATE_ROOT = "/var/lib/tunvpn"
+DEFAULT_PUSH_KEEPALIVE = 25
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -41,11 +46,35 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True)
 class InterfaceConfig:
+    """[Interface]. Server-only fields are empty/None in a client config, and the other way round."""
+
     private_key: bytes = field(repr=False)  # never in logs
     listen_port: int | None
     addresses: list[IPInterface]
     mtu: int
     device: str
+    # server: client addresses by IP version (4, 6) -> (first, last), both inclusive. The server's
+    # own address may lie inside (the pool skips it). Without a Pool line: every usable address of
+    # the first Address subnet of that version with room for clients.
+    pools: dict[int, tuple[IPAddress, IPAddress]] = field(default_factory=dict)
+    push_routes: list[IPNetwork] = field(default_factory=list)
+    push_dns: list[IPAddress] = field(default_factory=list)
+    push_dns_search: list[str] = field(default_factory=list)
+    client_to_client: bool | None = None
+    state_directory: str | None = None
+    push_keepalive: int | None = None
+    # client: the DNS line, split the wg-quick way into servers and search domains
+    dns: list[IPAddress] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    # whether the MTU line was written: a client lets a pushed MTU replace only the default
+    mtu_configured: bool = False
+
+    def pool_subnet(self, version: int) -> IPInterface | None:
+        """The server Address whose subnet holds the pool: pushed addresses take its prefix length."""
+        pool = self.pools.get(version)
+        if pool is None:
+            return None
+        return next((address for address in self.addresses if _holds(address.network, *pool)), None)
 
 
 @dataclass(frozen=True)
@@ -81,10 +110,10 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line else self.path
         text = f"{where}: {self.key}: {self.reason}" if self.key else f"{where}: {self.reason}"
-        return _one_line(text)
+        return one_line(text)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Escape control and separator characters so a hostile value cannot forge log lines."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
@@ -117,10 +146,16 @@ class Key:
     default: Any = None  # a value, a function of the context, or REQUIRED; repeating keys start at []
     repeats: bool = False  # each line adds to a list (AllowedIPs, Address), as in wg-quick
     secret: bool = False  # inline secrets make the config file itself a secret
+    roles: tuple[str, ...] = ROLES  # where the key means something; elsewhere it is an error
+    wrong_role_hint: str = ""  # appended to the wrong-role error: what to write instead
+
+    def wrong_role_reason(self, role: str) -> str:
+        reason = f"is a {' and '.join(self.roles)} setting, not for a {role}"
+        return f"{reason}; {self.wrong_role_hint}" if self.wrong_role_hint else reason
 
 
 # wg-quick keys tunvpn does not implement: refused by name so nobody thinks they took effect.
-WG_QUICK_ONLY_KEYS = ("PreUp", "PostUp", "PreDown", "PostDown", "Table", "SaveConfig", "FwMark", "DNS")
+WG_QUICK_ONLY_KEYS = ("PreUp", "PostUp", "PreDown", "PostDown", "Table", "SaveConfig", "FwMark")
 
 
 # --- value parsers ------------------------------------------------------------------------------
@@ -235,8 +270,16 @@ def _parse_addresses(value: str, ctx: _Context) -> list[IPInterface]:
 
 
 def _parse_allowed_ips(value: str, ctx: _Context) -> list[IPNetwork]:
+    return _parse_networks(_list_items(value, ","))
+
+
+def _parse_push_routes(value: str, ctx: _Context) -> list[IPNetwork]:
+    return _parse_networks(_list_items(value, r"[,\s]+"))
+
+
+def _parse_networks(items: list[str]) -> list[IPNetwork]:
     networks = []
-    for item in _list_items(value, ","):
+    for item in items:
         address, length = _parse_prefix(item)
         network = ipaddress.ip_network(f"{address}/{length}", strict=False)
         if network.network_address != address:
@@ -245,16 +288,79 @@ def _parse_allowed_ips(value: str, ctx: _Context) -> list[IPNetwork]:
     return networks
 
 
+def _parse_address(item: str) -> IPAddress:
+    """One bare address; scope ids are refused (ipaddress would keep them on IPv6)."""
+    if "%" in item:
+        raise ValueError(f"{item}: scoped addresses are not supported")
+    try:
+        return ipaddress.ip_address(item)
+    except ValueError:
+        raise ValueError(f"'{item}' is not an IPv4 or IPv6 address") from None
+
+
+def _parse_pool(value: str, ctx: _Context) -> list[tuple[IPAddress, IPAddress]]:
+    ends = value.split("-")
+    if len(ends) != 2 or not all(end.strip() for end in ends):
+        raise ValueError(f"'{value}': expected FIRST-LAST, like 203.0.113.10-203.0.113.200")
+    first, last = (_parse_address(end.strip()) for end in ends)
+    if first.version != last.version:
+        raise ValueError(f"'{value}': FIRST and LAST must both be IPv4 or both IPv6")
+    if first > last:
+        raise ValueError(f"'{value}': FIRST is above LAST")
+    return [(first, last)]
+
+
+def _parse_dns(value: str, ctx: _Context) -> list[IPAddress | str]:
+    """wg-quick's DNS syntax: addresses are name servers, any other word is a search domain."""
+    entries: list[IPAddress | str] = []
+    for item in _list_items(value, r"[,\s]+"):
+        try:
+            address = _parse_address(item)
+        except ValueError:
+            if "%" in item:
+                raise
+            if not _is_dns_name(item):
+                raise ValueError(f"'{item}' is neither an IP address nor a DNS search domain") from None
+            entries.append(item)
+            continue
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError(f"{item} cannot be a DNS server")
+        entries.append(address)
+    return entries
+
+
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+
+def _parse_bool(value: str, ctx: _Context) -> bool:
+    try:
+        return _BOOLEANS[value.lower()]
+    except KeyError:
+        raise ValueError(f"'{value}' is not yes or no (true/false, on/off and 1/0 work too)") from None
+
+
+def _parse_state_directory(value: str, ctx: _Context) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"'{value}' is not an absolute path")
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    return value
+
+
+def _is_dns_name(text: str) -> bool:
+    name = text[:-1] if text.endswith(".") else text
+    labels = name.split(".")
+    # An all-numeric last label is a mistyped IPv4 address, never a DNS name (RFC 3696, 2).
+    return len(name) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
 def _check_host(host: str, endpoint: str) -> None:
     try:
         ipaddress.IPv4Address(host)
         return
     except ValueError:
         pass
-    name = host[:-1] if host.endswith(".") else host
-    labels = name.split(".")
-    # An all-numeric last label is a mistyped IPv4 address, never a DNS name (RFC 3696, 2).
-    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+    if not _is_dns_name(host):
         raise ValueError(f"{endpoint}: '{host}' is neither an IPv4 address nor a DNS name")
 
 
@@ -322,6 +428,22 @@ def _default_listen_port(ctx: _Context) -> int | None:
     return DEFAULT_SERVER_PORT if ctx.role == "server" else None
 
 
+def _server_default(value: Any) -> Callable[[_Context], Any]:
+    """A default for a server-only key: a client config keeps None there."""
+    return lambda ctx: value if ctx.role == "server" else None
+
+
+def _default_state_directory(ctx: _Context) -> str | None:
+    if ctx.role != "server":
+        return None
+    if ctx.name in ("", ".", ".."):
+        raise ValueError(f"the default from the file name does not work ('{ctx.name}'); set StateDirectory")
+    return f"{DEFAULT_STATE_ROOT}/{ctx.name}"
+
+
+SERVER = ("server",)
+CLIENT = ("client",)
+
 INTERFACE_KEYS: tuple[Key, ...] = (
     Key("PrivateKey", "private_key", _parse_key, default=REQUIRED, secret=True),
     Key("PrivateKeyFile", "private_key", _parse_key_file, default=REQUIRED),
@@ -329,6 +451,18 @@ INTERFACE_KEYS: tuple[Key, ...] = (
     Key("Address", "addresses", _parse_addresses, repeats=True),
     Key("MTU", "mtu", _parse_mtu, default=DEFAULT_MTU),
     Key("Device", "device", _parse_device, default=_default_device),
+    Key("Pool", "pools", _parse_pool, repeats=True, roles=SERVER,
+        wrong_role_hint="a client takes its address from the server, or from Address"),
+    Key("PushRoute", "push_routes", _parse_push_routes, repeats=True, roles=SERVER,
+        wrong_role_hint="a client routes what its [Peer] lists in AllowedIPs"),
+    Key("PushDNS", "push_dns", _parse_dns, repeats=True, roles=SERVER, wrong_role_hint="use DNS"),
+    Key("ClientToClient", "client_to_client", _parse_bool, default=_server_default(False), roles=SERVER),
+    Key("StateDirectory", "state_directory", _parse_state_directory, default=_default_state_directory,
+        roles=SERVER),
+    Key("PushKeepalive", "push_keepalive", _parse_keepalive, default=_server_default(DEFAULT_PUSH_KEEPALIVE),
+        roles=SERVER, wrong_role_hint="set PersistentKeepalive in the [Peer]"),
+    Key("DNS", "dns", _parse_dns, repeats=True, roles=CLIENT,
+        wrong_role_hint="use PushDNS to give clients DNS servers"),
 )
 
 PEER_KEYS: tuple[Key, ...] = (
@@ -385,6 +519,8 @@ class _Section:
         key = self.spec.lookup(written)
         if key is None:
             raise ConfigError(ctx.path, line, written, self._unknown_key_reason(written))
+        if ctx.role not in key.roles:
+            raise ConfigError(ctx.path, line, written, key.wrong_role_reason(ctx.role))
         earlier = self.entries.get(key.attr)
         if earlier and not key.repeats:
             first = earlier[0]
@@ -471,12 +607,153 @@ def _read_sections(text: str, ctx: _Context) -> list[_Section]:
 
 # --- whole-config rules -------------------------------------------------------------------------
 
+def _items(section: _Section, attr: str) -> Iterator[tuple[Any, _Entry]]:
+    """Every item of a repeating key, with the entry (line, key as written) it came from."""
+    for entry in section.entries.get(attr, []):
+        for item in entry.value:
+            yield item, entry
+
+
+def _usable_range(subnet: IPNetwork) -> tuple[IPAddress, IPAddress]:
+    """Addresses a host may have in `subnet`: not IPv4's network and broadcast addresses, nor
+    IPv6's subnet-router anycast address; point-to-point /31 and /127 (RFC 3021, 6164) and
+    single addresses keep all."""
+    if subnet.max_prefixlen - subnet.prefixlen <= 1:
+        return subnet[0], subnet[-1]
+    return subnet[1], (subnet[-2] if subnet.version == 4 else subnet[-1])
+
+
+def _reserved_name(subnet: IPNetwork, address: IPAddress) -> str:
+    if subnet.version == 6:
+        return "subnet-router anycast"
+    return "network" if address == subnet.network_address else "broadcast"
+
+
+def _holds(subnet: IPNetwork, first: IPAddress, last: IPAddress) -> bool:
+    return subnet.version == first.version and subnet.network_address <= first and last <= subnet.broadcast_address
+
+
+def _check_pool(first: IPAddress, last: IPAddress, addresses: list[IPInterface]) -> None:
+    """Raise ValueError(reason) unless the range is usable client addresses of one Address subnet."""
+    family = f"IPv{first.version}"
+    candidates = [address for address in addresses if address.version == first.version]
+    if not candidates:
+        raise ValueError(f"an {family} Pool needs an {family} Address whose subnet holds it")
+    home = next((address for address in candidates if _holds(address.network, first, last)), None)
+    if home is None:
+        subnets = ", ".join(str(address.network) for address in candidates)
+        raise ValueError(f"{first}-{last} is not inside the subnet of an {family} Address ({subnets})")
+    low, high = _usable_range(home.network)
+    reserved = first if first < low else last if last > high else None
+    if reserved is not None:
+        raise ValueError(f"{first}-{last} includes {reserved}, the {_reserved_name(home.network, reserved)} "
+                         f"address of {home.network}")
+    if first == last == home.ip:
+        raise ValueError(f"{first}-{last} holds only the server's own address")
+
+
+def _default_pool(addresses: list[IPInterface], version: int) -> tuple[IPAddress, IPAddress] | None:
+    for address in addresses:
+        if address.version == version:
+            low, high = _usable_range(address.network)
+            if low != high:  # a subnet that holds more than the server itself
+                return low, high
+    return None
+
+
+def _build_pools(section: _Section, ctx: _Context) -> dict[int, tuple[IPAddress, IPAddress]]:
+    if ctx.role != "server":
+        return {}
+    addresses = [address for address, _ in _items(section, "addresses")]
+    pools: dict[int, tuple[IPAddress, IPAddress]] = {}
+    pool_lines: dict[int, int] = {}
+    for (first, last), entry in _items(section, "pools"):
+        if first.version in pool_lines:
+            reason = f"a second IPv{first.version} Pool; the first is on line {pool_lines[first.version]}"
+            raise ConfigError(ctx.path, entry.line, entry.key, reason)
+        try:
+            _check_pool(first, last, addresses)
+        except ValueError as exc:
+            raise ConfigError(ctx.path, entry.line, entry.key, str(exc)) from None
+        pools[first.version] = (first, last)
+        pool_lines[first.version] = entry.line
+    for version in (4, 6):
+        default = None if version in pools else _default_pool(addresses, version)
+        if default:
+            pools[version] = default
+    return pools
+
+
+def _check_unique(section: _Section, attr: str, ctx: _Context) -> None:
+    """A repeated route or DNS entry is a typo more often than not; the admin should see it."""
+    first_lines: dict[Any, int] = {}
+    for item, entry in _items(section, attr):
+        identity = item.lower().rstrip(".") if isinstance(item, str) else item
+        if identity in first_lines:
+            reason = f"{item} is listed twice (first on line {first_lines[identity]})"
+            raise ConfigError(ctx.path, entry.line, entry.key, reason)
+        first_lines[identity] = entry.line
+
+
+def _check_count(section: _Section, attr: str, kind: type | tuple[type, ...], limit: int, what: str,
+                 ctx: _Context) -> None:
+    """Refuse more than the control extension can push, at the line that goes over."""
+    count = 0
+    for item, entry in _items(section, attr):
+        count += isinstance(item, kind)
+        if count > limit:
+            raise ConfigError(ctx.path, entry.line, entry.key, f"more than {limit} {what}")
+
+
+def _split_dns(entries: list[IPAddress | str]) -> tuple[list[IPAddress], list[str]]:
+    servers = [entry for entry in entries if not isinstance(entry, str)]
+    return servers, [entry for entry in entries if isinstance(entry, str)]
+
+
 def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
     values = section.values(ctx)
     if values["mtu"] < MIN_IPV6_MTU and any(address.version == 6 for address in values["addresses"]):
         line, key = section.where("mtu")
         raise ConfigError(ctx.path, line, key, f"{values['mtu']} is below {MIN_IPV6_MTU}, the minimum with an IPv6 Address")
-    return InterfaceConfig(**values)
+    values["pools"] = _build_pools(section, ctx)
+    for attr in ("push_routes", "push_dns", "dns"):
+        _check_unique(section, attr, ctx)
+    # The pool subnets travel as routes too, so they count against the push's route limit.
+    pool_count = len(values["pools"])
+    _check_count(section, "push_routes", object, MAX_ROUTES - pool_count,
+                 f"PushRoute networks; a config push carries {MAX_ROUTES} routes and the pool subnets "
+                 f"take {pool_count}", ctx)
+    _check_count(section, "push_dns", (ipaddress.IPv4Address, ipaddress.IPv6Address), MAX_DNS_SERVERS,
+                 "PushDNS servers; a config push carries that many", ctx)
+    _check_count(section, "push_dns", str, MAX_SEARCH_DOMAINS,
+                 "PushDNS search domains; a config push carries that many", ctx)
+    values["push_dns"], values["push_dns_search"] = _split_dns(values["push_dns"])
+    values["dns"], values["dns_search"] = _split_dns(values["dns"])
+    values["mtu_configured"] = "mtu" in section.entries
+    interface = InterfaceConfig(**values)
+    if ctx.role == "server":
+        _check_push_fits(interface, section, ctx)
+    return interface
+
+
+def _check_push_fits(interface: InterfaceConfig, section: _Section, ctx: _Context) -> None:
+    """The largest CONFIG_PUSH this server can send must fit in one control message.
+
+    Built up in file order from what every push carries (one address and one subnet route per
+    pool, MTU, keepalive), so the error names the line that makes it overflow.
+    """
+    pool_subnets = [interface.pool_subnet(version) for version in sorted(interface.pools)]
+    push = ConfigPush(0, addresses=list(pool_subnets), routes=[address.network for address in pool_subnets],
+                      mtu=interface.mtu, keepalive=interface.push_keepalive)
+    destinations = {"push_routes": push.routes, "push_dns": push.dns}
+    added = sorted(((item, entry, attr) for attr in destinations for item, entry in _items(section, attr)),
+                   key=lambda added_item: added_item[1].line)
+    for item, entry, attr in added:
+        (push.search if isinstance(item, str) else destinations[attr]).append(item)
+        try:
+            encode(push)
+        except ControlError as exc:
+            raise ConfigError(ctx.path, entry.line, entry.key, f"{item} does not fit in a config push ({exc})") from None
 
 
 def _build_peer(section: _Section, ctx: _Context) -> PeerConfig:
@@ -539,6 +816,35 @@ def _check_overlaps(peer_sections: list[_Section], ctx: _Context) -> None:
         open_blocks.append(span)
 
 
+def _server_address_conflict(network: IPNetwork, own: IPInterface) -> str | None:
+    """Why a server peer may not have `network`: the server's own address must stay the server's.
+
+    CIDR blocks nest or are disjoint, so a block overlapping the server's subnet either lies
+    inside it or covers all of it (and with it the server's address).
+    """
+    if network.version != own.version or not network.overlaps(own.network):
+        return None
+    if network.prefixlen != network.max_prefixlen:
+        return f"{network} covers the server's own address {own.ip}" if own.ip in network else None
+    host = network.network_address
+    if host == own.ip:
+        return f"{host} is the server's own address"
+    low, high = _usable_range(own.network)
+    if not low <= host <= high:
+        return f"{host} is the {_reserved_name(own.network, host)} address of {own.network}, not a client address"
+    return None
+
+
+def _check_server_peer_addresses(interface_section: _Section, peer_sections: list[_Section], ctx: _Context) -> None:
+    own_addresses = list(_items(interface_section, "addresses"))
+    for section in peer_sections:
+        for network, entry in _items(section, "allowed_ips"):
+            for own, own_entry in own_addresses:
+                reason = _server_address_conflict(network, own)
+                if reason:
+                    raise ConfigError(ctx.path, entry.line, entry.key, f"{reason} (Address on line {own_entry.line})")
+
+
 def resolve_endpoint(host: str, port: int) -> tuple:
     """The first UDP socket address for host:port, as wg(8) picks it: (ip, port) or (ip, port, flow, scope).
 
@@ -575,6 +881,8 @@ def _parse(text: str, path: str, role: str, resolve: bool, config_exposure: str 
     peers = [(_build_peer(section, ctx), section) for section in peer_sections]
     _check_peer_keys(interface, peers, ctx)
     _check_overlaps(peer_sections, ctx)
+    if role == "server":
+        _check_server_peer_addresses(interface_section, peer_sections, ctx)
     if resolve:
         peers = [(_resolve(peer, section, ctx), section) for peer, section in peers]
     return Config(path, ctx.name, role, interface, [peer for peer, _ in peers])
@@ -604,3 +912,27 @@ def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True) -
     except UnicodeDecodeError as exc:
         raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text") from None
     return _parse(text, path, role, resolve, config_exposure=_exposure(mode))
+
+
+def guess_role(text: str) -> str:
+    """The role a config is most likely for, when nobody said (`tunvpn check-config` without --role).
+
+    A server-only key in [Interface] (Pool, PushRoute, ...) means server; else a client-only key
+    (DNS) means client; else ListenPort means server, as in wg-quick files where only the side
+    others connect to fixes its port; else client. Lenient: a broken file gets a role, and the
+    real parse then reports what is broken.
+    """
+    names: set[str] = set()
+    in_interface = False
+    for raw in text.removeprefix("\ufeff").split("\n"):
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("["):
+            in_interface = line.rstrip("]").lstrip("[").strip().lower() == "interface"
+        elif in_interface and "=" in line:
+            names.add(line.partition("=")[0].strip().lower())
+    keys = [key for key in INTERFACE_KEYS if key.name.lower() in names]
+    if any(key.roles == SERVER for key in keys):
+        return "server"
+    if any(key.roles == CLIENT for key in keys):
+        return "client"
+    return "server" if "listenport" in names else "client"

@@ -15,6 +15,7 @@ from tunvpn.config import (
     Config,
     ConfigError,
     WG_QUICK_ONLY_KEYS,
+    guess_role,
     load_config,
     parse_config,
     resolve_endpoint,
@@ -296,6 +297,196 @@ def test_error_format() -> None:
     assert (err.path, err.line, err.key, err.reason) == ("a.conf", 7, "MTU", "too small")
 
 
+# --- server and client daemon keys --------------------------------------------------------------
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+OFFICE_SERVER = """\
+[Interface]
+PrivateKey = {priv}
+Address = 203.0.113.1/24, 2001:db8:100::1/64
+Pool = 203.0.113.100 - 203.0.113.199
+Pool = 2001:db8:100::1000-2001:db8:100::1fff
+PushRoute = 198.51.100.0/25, 2001:db8:50::/64
+PushRoute = 198.51.100.128/25
+PushDNS = 198.51.100.53, 2001:db8:50::53, office.example
+PushDNS = lab.example.
+ClientToClient = on
+StateDirectory = /srv/tunvpn/office-state
+PushKeepalive = off
+
+[Peer]
+# a stock WireGuard laptop with a fixed address outside the pool
+PublicKey = {pub1}
+AllowedIPs = 203.0.113.5/32, 2001:db8:100::5/128
+
+[Peer]
+# a site gateway: a network inside the tunnel subnet that leaves the server's address alone
+PublicKey = {pub2}
+AllowedIPs = 203.0.113.64/27, 198.51.101.0/24
+"""
+
+
+def test_server_daemon_keys(tmp_path: Path, keys: Keys) -> None:
+    config = parse_config(OFFICE_SERVER.format(**keys.placeholders()), str(tmp_path / "office.conf"), role="server")
+    interface = config.interface
+
+    assert interface.pools == {4: (ip("203.0.113.100"), ip("203.0.113.199")),
+                               6: (ip("2001:db8:100::1000"), ip("2001:db8:100::1fff"))}
+    assert interface.pool_subnet(4) == ipaddress.ip_interface("203.0.113.1/24")
+    assert interface.pool_subnet(6) == ipaddress.ip_interface("2001:db8:100::1/64")
+    assert interface.push_routes == [net("198.51.100.0/25"), net("2001:db8:50::/64"), net("198.51.100.128/25")]
+    assert interface.push_dns == [ip("198.51.100.53"), ip("2001:db8:50::53")]
+    assert interface.push_dns_search == ["office.example", "lab.example."]
+    assert interface.client_to_client is True
+    assert interface.state_directory == "/srv/tunvpn/office-state"
+    assert interface.push_keepalive == 0
+    assert (interface.dns, interface.dns_search) == ([], [])
+    assert [peer.allowed_ips for peer in config.peers] == [
+        [net("203.0.113.5/32"), net("2001:db8:100::5/128")], [net("203.0.113.64/27"), net("198.51.101.0/24")]]
+
+
+def test_server_defaults_without_daemon_keys(tmp_path: Path, keys: Keys) -> None:
+    """A stock wg-quick server file: the pool is its Address subnet, clients stay apart, keepalive 25."""
+    config = parse_config(STOCK_SERVER.format(**keys.placeholders()), str(tmp_path / "office.conf"), role="server")
+    interface = config.interface
+
+    assert interface.pools == {4: (ip("203.0.113.1"), ip("203.0.113.254")),
+                               6: (ip("2001:db8:100::1"), ip("2001:db8:100::ffff:ffff:ffff:ffff"))}
+    assert (interface.push_routes, interface.push_dns, interface.push_dns_search) == ([], [], [])
+    assert interface.client_to_client is False
+    assert interface.state_directory == "/var/lib/tunvpn/office"
+    assert interface.push_keepalive == 25
+
+
+def test_client_leaves_server_fields_empty_and_takes_dns(tmp_path: Path, keys: Keys) -> None:
+    text = STOCK_CLIENT.replace("[Peer]", "DNS = 2001:db8:50::53,198.51.100.53 office.example, corp.example\n[Peer]")
+    interface = parse_config(text.format(**keys.placeholders()), str(tmp_path / "home.conf"), role="client").interface
+
+    assert interface.dns == [ip("2001:db8:50::53"), ip("198.51.100.53")]
+    assert interface.dns_search == ["office.example", "corp.example"]
+    assert interface.pools == {} and interface.pool_subnet(4) is None
+    assert (interface.push_routes, interface.push_dns, interface.push_dns_search) == ([], [], [])
+    assert (interface.client_to_client, interface.state_directory, interface.push_keepalive) == (None, None, None)
+
+
+def test_minimal_client_needs_neither_address_nor_allowed_ips(tmp_path: Path, keys: Keys) -> None:
+    text = conf(*INTERFACE, "[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.1:51820").format(**keys.placeholders())
+    config = parse_config(text, str(tmp_path / "office.conf"), role="client")
+    assert config.interface.addresses == [] and config.interface.dns == []
+    assert config.peers[0].allowed_ips == []
+
+
+def test_client_peer_may_cover_the_clients_own_address(tmp_path: Path, keys: Keys) -> None:
+    """Only a server's address is protected: a client's server peer routes the whole subnet."""
+    text = conf(*INTERFACE, "Address = 203.0.113.7/24", "[Peer]", "PublicKey = {pub1}",
+                "AllowedIPs = 203.0.113.0/24", "Endpoint = 192.0.2.1:51820").format(**keys.placeholders())
+    assert parse_config(text, str(tmp_path / "wg0.conf"), role="client").peers[0].allowed_ips == [net("203.0.113.0/24")]
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("yes", True), ("YES", True), ("true", True), ("True", True), ("on", True), ("On", True), ("1", True),
+    ("no", False), ("No", False), ("false", False), ("FALSE", False), ("off", False), ("oFF", False), ("0", False),
+])
+def test_client_to_client_spellings(written: str, expected: bool, tmp_path: Path, keys: Keys) -> None:
+    text = conf(*INTERFACE, f"ClientToClient = {written}").format(**keys.placeholders())
+    assert parse_config(text, str(tmp_path / "wg0.conf"), role="server").interface.client_to_client is expected
+
+
+@pytest.mark.parametrize("written, expected", [("0", 0), ("off", 0), ("1", 1), ("65535", 65535)])
+def test_push_keepalive_range(written: str, expected: int, tmp_path: Path, keys: Keys) -> None:
+    text = conf(*INTERFACE, f"PushKeepalive = {written}").format(**keys.placeholders())
+    assert parse_config(text, str(tmp_path / "wg0.conf"), role="server").interface.push_keepalive == expected
+
+
+@pytest.mark.parametrize("addresses, pool_line, expected", [
+    # the server's own address may lie inside: the pool skips it
+    ("203.0.113.1/24", "Pool = 203.0.113.1-203.0.113.10", {4: ("203.0.113.1", "203.0.113.10")}),
+    ("203.0.113.1/24", "Pool = 203.0.113.1-203.0.113.254", {4: ("203.0.113.1", "203.0.113.254")}),
+    ("203.0.113.1/24", "Pool = 203.0.113.9-203.0.113.9", {4: ("203.0.113.9", "203.0.113.9")}),
+    # a point-to-point /31 has no network or broadcast address
+    ("203.0.113.0/31", "Pool = 203.0.113.1-203.0.113.1", {4: ("203.0.113.1", "203.0.113.1")}),
+    ("2001:db8:100::1/64", "Pool = 2001:db8:100::1-2001:db8:100::ffff:ffff:ffff:ffff",
+     {6: ("2001:db8:100::1", "2001:db8:100::ffff:ffff:ffff:ffff")}),
+    # the pool picks its Address; the other family keeps its default
+    ("198.51.100.1/24, 203.0.113.1/24, 2001:db8:100::1/120", "Pool = 203.0.113.128-203.0.113.200",
+     {4: ("203.0.113.128", "203.0.113.200"), 6: ("2001:db8:100::1", "2001:db8:100::ff")}),
+    # defaults: the first Address of a family with room for clients
+    ("203.0.113.1/32, 198.51.100.1/30", "", {4: ("198.51.100.1", "198.51.100.2")}),
+    ("203.0.113.1/32, 2001:db8:100::1/128", "", {}),
+    ("2001:db8:100::/127", "", {6: ("2001:db8:100::", "2001:db8:100::1")}),
+])
+def test_pools(addresses: str, pool_line: str, expected: dict, tmp_path: Path, keys: Keys) -> None:
+    text = conf(*INTERFACE, f"Address = {addresses}", pool_line).format(**keys.placeholders())
+    interface = parse_config(text, str(tmp_path / "wg0.conf"), role="server").interface
+    assert interface.pools == {version: (ip(first), ip(last)) for version, (first, last) in expected.items()}
+    for version, (first, _) in expected.items():
+        assert ip(first) in interface.pool_subnet(version).network
+
+
+def test_fixed_addresses_inside_the_subnet_and_outside_the_pool(tmp_path: Path, keys: Keys) -> None:
+    text = conf(*SERVER_V4, "Pool = 203.0.113.100-203.0.113.199",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.2/32",  # below the pool
+                "[Peer]", "PublicKey = {pub2}", "AllowedIPs = 203.0.113.150, 203.0.113.254").format(**keys.placeholders())
+    config = parse_config(text, str(tmp_path / "wg0.conf"), role="server")
+    assert [peer.allowed_ips for peer in config.peers] == [
+        [net("203.0.113.2/32")], [net("203.0.113.150/32"), net("203.0.113.254/32")]]
+
+
+def test_push_dns_at_the_limits(tmp_path: Path, keys: Keys) -> None:
+    servers = ", ".join(f"192.0.2.{n}" for n in range(1, 9))
+    domains = " ".join(f"d{n}.example" for n in range(8))
+    text = conf(*INTERFACE, f"PushDNS = {servers}", f"PushDNS = {domains}").format(**keys.placeholders())
+    interface = parse_config(text, str(tmp_path / "wg0.conf"), role="server").interface
+    assert len(interface.push_dns) == 8 and len(interface.push_dns_search) == 8
+
+
+def test_push_routes_at_the_limit(tmp_path: Path, keys: Keys) -> None:
+    """64 routes per push: with two pool subnets, 62 are left for PushRoute."""
+    routes = ", ".join(f"198.51.100.{4 * n}/30" for n in range(62))
+    text = conf(*INTERFACE, "Address = 203.0.113.1/24, 2001:db8:100::1/64", f"PushRoute = {routes}")
+    assert len(parse_config(text.format(**keys.placeholders()), str(tmp_path / "wg0.conf"),
+                            role="server").interface.push_routes) == 62
+    with pytest.raises(ConfigError) as caught:
+        parse_config((text + "PushRoute = 198.51.101.0/24\n").format(**keys.placeholders()),
+                     str(tmp_path / "wg0.conf"), role="server")
+    assert (caught.value.line, caught.value.reason) == (
+        5, "more than 62 PushRoute networks; a config push carries 64 routes and the pool subnets take 2")
+
+
+def test_the_largest_push_that_fits(tmp_path: Path, keys: Keys) -> None:
+    """50 IPv6 routes with both pools fill 1010 of 1016 body bytes; the 51st is refused (see BROKEN)."""
+    lines = [*INTERFACE, "Address = 203.0.113.1/24, 2001:db8:100::1/64"]
+    lines += [f"PushRoute = 2001:db8:50:{n:x}::/64" for n in range(50)]
+    interface = parse_config(conf(*lines).format(**keys.placeholders()), str(tmp_path / "wg0.conf"), role="server").interface
+    assert len(interface.push_routes) == 50
+
+
+@pytest.mark.parametrize("lines, role", [
+    (("[Interface]", "PrivateKey = x", "Pool = 203.0.113.10-203.0.113.20"), "server"),
+    (("[Interface]", "pushroute = 198.51.100.0/24", "DNS = 192.0.2.53"), "server"),  # server-only keys win
+    (("[Interface]", "ListenPort = 51820", "ClientToClient = no"), "server"),
+    (("[Interface]", "StateDirectory = /x", "[Peer]", "Endpoint = 192.0.2.1:1"), "server"),
+    (("[Interface]", "PushKeepalive = 25"), "server"),
+    (("[Interface]", "PushDNS = 192.0.2.53"), "server"),
+    (("[Interface]", "ListenPort = 51820", "DNS = 192.0.2.53"), "client"),  # DNS beats ListenPort
+    (("[Interface]", "ListenPort = 51820"), "server"),
+    (("\ufeff[ interface ]", "  LISTENPORT=1  # fixed"), "server"),
+    (("[Interface]", "Address = 203.0.113.2/32", "[Peer]", "Endpoint = 192.0.2.1:51820"), "client"),
+    (("[Interface]", "# ListenPort = 51820", "# Pool = 203.0.113.10-203.0.113.20"), "client"),  # comments
+    (("[Interface]", "[Peer]", "ListenPort = 51820", "Pool = x"), "client"),  # not in [Interface]
+    (("Pool = 203.0.113.10-203.0.113.20", "garbage [[[", "=="), "client"),  # before any section
+])
+def test_guess_role(lines: tuple[str, ...], role: str) -> None:
+    assert guess_role(conf(*lines)) == role
+
+
 # --- broken configs -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -315,6 +506,9 @@ def broken(case_id: str, lines: tuple[str, ...], line: int, key: str | None, rea
 
 
 INTERFACE = ("[Interface]", "PrivateKey = {priv}")  # lines 1-2 of most cases
+SERVER_V4 = INTERFACE + ("Address = 203.0.113.1/24",)  # line 3 is the server's own address
+SERVER_V6 = INTERFACE + ("Address = 2001:db8:100::1/64",)
+LONGEST_DOMAIN = ".".join(["a" * 63] * 3 + ["a" * 61])  # 253 bytes
 
 BROKEN = [
     broken("unknown-key", INTERFACE + ("Colour = blue",), 3, "Colour", "unknown key in [Interface]"),
@@ -471,6 +665,147 @@ BROKEN = [
            "PersistentKeepalive", "'65536' is neither off nor 0-65535 seconds"),
     broken("keepalive-word", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PersistentKeepalive = sometimes"), 5,
            "PersistentKeepalive", "'sometimes' is neither off nor 0-65535 seconds"),
+    # -- keys of one role in the other role's config
+    broken("pool-on-client", INTERFACE + ("Pool = 203.0.113.10-203.0.113.20",), 3, "Pool",
+           "is a server setting, not for a client; a client takes its address from the server, or from Address",
+           role="client"),
+    broken("push-route-on-client", INTERFACE + ("PushRoute = 198.51.100.0/24",), 3, "PushRoute",
+           "is a server setting, not for a client; a client routes what its [Peer] lists in AllowedIPs", role="client"),
+    broken("push-dns-on-client", INTERFACE + ("PushDNS = 192.0.2.53",), 3, "PushDNS",
+           "is a server setting, not for a client; use DNS", role="client"),
+    broken("client-to-client-on-client", INTERFACE + ("clienttoclient = yes",), 3, "clienttoclient",
+           "is a server setting, not for a client", role="client"),
+    broken("state-directory-on-client", INTERFACE + ("StateDirectory = /var/lib/tunvpn/x",), 3, "StateDirectory",
+           "is a server setting, not for a client", role="client"),
+    broken("push-keepalive-on-client", INTERFACE + ("PushKeepalive = 25",), 3, "PushKeepalive",
+           "is a server setting, not for a client; set PersistentKeepalive in the [Peer]", role="client"),
+    broken("dns-on-server", INTERFACE + ("DNS = 192.0.2.53",), 3, "DNS",
+           "is a client setting, not for a server; use PushDNS to give clients DNS servers"),
+    broken("dns-on-server-checked-before-its-value", INTERFACE + ("dns = not an address!",), 3, "dns",
+           "is a client setting, not for a server; use PushDNS to give clients DNS servers"),
+    # -- Pool
+    broken("pool-single-address", SERVER_V4 + ("Pool = 203.0.113.10",), 4, "Pool",
+           "'203.0.113.10': expected FIRST-LAST, like 203.0.113.10-203.0.113.200"),
+    broken("pool-as-cidr", SERVER_V4 + ("Pool = 203.0.113.0/24",), 4, "Pool",
+           "'203.0.113.0/24': expected FIRST-LAST, like 203.0.113.10-203.0.113.200"),
+    broken("pool-three-ends", SERVER_V4 + ("Pool = 203.0.113.10-203.0.113.20-203.0.113.30",), 4, "Pool",
+           "'203.0.113.10-203.0.113.20-203.0.113.30': expected FIRST-LAST, like 203.0.113.10-203.0.113.200"),
+    broken("pool-open-end", SERVER_V4 + ("Pool = 203.0.113.10 -",), 4, "Pool",
+           "'203.0.113.10 -': expected FIRST-LAST, like 203.0.113.10-203.0.113.200"),
+    broken("pool-empty", SERVER_V4 + ("Pool =",), 4, "Pool", "'': expected FIRST-LAST, like 203.0.113.10-203.0.113.200"),
+    broken("pool-words", SERVER_V4 + ("Pool = first-last",), 4, "Pool", "'first' is not an IPv4 or IPv6 address"),
+    broken("pool-scoped", SERVER_V6 + ("Pool = fe80::1%eth0-fe80::9",), 4, "Pool",
+           "fe80::1%eth0: scoped addresses are not supported"),
+    broken("pool-mixed-families", SERVER_V4 + ("Pool = 203.0.113.10-2001:db8:100::10",), 4, "Pool",
+           "'203.0.113.10-2001:db8:100::10': FIRST and LAST must both be IPv4 or both IPv6"),
+    broken("pool-first-above-last", SERVER_V4 + ("Pool = 203.0.113.20 - 203.0.113.10",), 4, "Pool",
+           "'203.0.113.20 - 203.0.113.10': FIRST is above LAST"),
+    broken("pool-outside-subnet", SERVER_V4 + ("Pool = 198.51.100.10-198.51.100.20",), 4, "Pool",
+           "198.51.100.10-198.51.100.20 is not inside the subnet of an IPv4 Address (203.0.113.0/24)"),
+    broken("pool-straddles-subnet-end", SERVER_V4 + ("Address = 198.51.100.1/25", "Pool = 198.51.100.100-198.51.100.130"),
+           5, "Pool", "198.51.100.100-198.51.100.130 is not inside the subnet of an IPv4 Address "
+                      "(203.0.113.0/24, 198.51.100.0/25)"),
+    broken("pool-outside-ipv6-subnet", SERVER_V6 + ("Pool = 2001:db8:101::1-2001:db8:101::ff",), 4, "Pool",
+           "2001:db8:101::1-2001:db8:101::ff is not inside the subnet of an IPv6 Address (2001:db8:100::/64)"),
+    broken("pool-without-address", INTERFACE + ("Pool = 203.0.113.10-203.0.113.20",), 3, "Pool",
+           "an IPv4 Pool needs an IPv4 Address whose subnet holds it"),
+    broken("ipv6-pool-with-ipv4-address-only", SERVER_V4 + ("Pool = 2001:db8:100::10-2001:db8:100::20",), 4, "Pool",
+           "an IPv6 Pool needs an IPv6 Address whose subnet holds it"),
+    broken("pool-before-its-address-still-needs-one", INTERFACE + ("Pool = 2001:db8:100::a-2001:db8:100::f",
+                                                                   "Address = 203.0.113.1/24"),
+           3, "Pool", "an IPv6 Pool needs an IPv6 Address whose subnet holds it"),
+    broken("pool-includes-network-address", SERVER_V4 + ("Pool = 203.0.113.0-203.0.113.20",), 4, "Pool",
+           "203.0.113.0-203.0.113.20 includes 203.0.113.0, the network address of 203.0.113.0/24"),
+    broken("pool-includes-broadcast-address", SERVER_V4 + ("Pool = 203.0.113.200-203.0.113.255",), 4, "Pool",
+           "203.0.113.200-203.0.113.255 includes 203.0.113.255, the broadcast address of 203.0.113.0/24"),
+    broken("pool-includes-subnet-router-anycast", SERVER_V6 + ("Pool = 2001:db8:100::-2001:db8:100::ff",), 4, "Pool",
+           "2001:db8:100::-2001:db8:100::ff includes 2001:db8:100::, the subnet-router anycast address of "
+           "2001:db8:100::/64"),
+    broken("pool-of-only-the-server", SERVER_V4 + ("Pool = 203.0.113.1-203.0.113.1",), 4, "Pool",
+           "203.0.113.1-203.0.113.1 holds only the server's own address"),
+    broken("pool-in-a-host-address", INTERFACE + ("Address = 203.0.113.1/32", "Pool = 203.0.113.1-203.0.113.1"), 4,
+           "Pool", "203.0.113.1-203.0.113.1 holds only the server's own address"),
+    broken("second-ipv4-pool", SERVER_V4 + ("Address = 198.51.100.1/24", "Pool = 203.0.113.10-203.0.113.20",
+                                            "Pool = 198.51.100.10-198.51.100.20"),
+           6, "Pool", "a second IPv4 Pool; the first is on line 5"),
+    # -- PushRoute, PushDNS
+    broken("push-route-host-bits", SERVER_V4 + ("PushRoute = 198.51.100.1/24",), 4, "PushRoute",
+           "198.51.100.1/24 has host bits set (the network is 198.51.100.0/24)"),
+    broken("push-route-ipv6-host-bits", SERVER_V4 + ("PushRoute = 2001:db8:50::1/64",), 4, "PushRoute",
+           "2001:db8:50::1/64 has host bits set (the network is 2001:db8:50::/64)"),
+    broken("push-route-word", SERVER_V4 + ("PushRoute = lan",), 4, "PushRoute", "lan is not an IPv4 or IPv6 address"),
+    broken("push-route-trailing-comma", SERVER_V4 + ("PushRoute = 198.51.100.0/24,",), 4, "PushRoute",
+           "'198.51.100.0/24,' has an empty entry"),
+    broken("push-route-twice", SERVER_V4 + ("PushRoute = 198.51.100.0/24", "PushRoute = 198.51.100.0/24"), 5,
+           "PushRoute", "198.51.100.0/24 is listed twice (first on line 4)"),
+    broken("push-route-too-many", SERVER_V4 + (
+        "PushRoute = " + ", ".join(f"198.51.100.{4 * n}/30" for n in range(32)),
+        "PushRoute = " + ", ".join(f"2001:db8:50:{n:x}::/64" for n in range(32))), 5, "PushRoute",
+        "more than 63 PushRoute networks; a config push carries 64 routes and the pool subnets take 1"),
+    broken("push-routes-overflow-the-push-message", INTERFACE + ("Address = 203.0.113.1/24, 2001:db8:100::1/64",) + tuple(
+        f"PushRoute = 2001:db8:50:{n:x}::/64" for n in range(51)), 54, "PushRoute",
+        # 7 + 19 (addresses) + 7 + 19 (subnet routes) + 4 (MTU) + 4 (keepalive) + 51 * 19 (routes)
+        "2001:db8:50:32::/64 does not fit in a config push (body is 1029 bytes > 1016)"),
+    broken("push-search-domains-overflow-the-push-message", SERVER_V4 + tuple(
+        f"PushDNS = {LONGEST_DOMAIN.replace('a', letter)}" for letter in "wxyz"), 7, "PushDNS",
+        # 7 (address) + 7 (subnet route) + 4 (MTU) + 4 (keepalive) + 4 * (2 + 253) (search domains)
+        f"{LONGEST_DOMAIN.replace('a', 'z')} does not fit in a config push (body is 1042 bytes > 1016)"),
+    broken("push-dns-not-an-address", SERVER_V4 + ("PushDNS = 192.0.2.300",), 4, "PushDNS",
+           "'192.0.2.300' is neither an IP address nor a DNS search domain"),
+    broken("push-dns-unspecified", SERVER_V4 + ("PushDNS = ::",), 4, "PushDNS", ":: cannot be a DNS server"),
+    broken("push-dns-twice", SERVER_V4 + ("PushDNS = 192.0.2.53", "PushDNS = 2001:db8::53, 192.0.2.53"), 5, "PushDNS",
+           "192.0.2.53 is listed twice (first on line 4)"),
+    broken("push-dns-nine-servers", SERVER_V4 + ("PushDNS = " + ", ".join(f"192.0.2.{n}" for n in range(1, 10)),), 4,
+           "PushDNS", "more than 8 PushDNS servers; a config push carries that many"),
+    broken("push-dns-nine-domains", SERVER_V4 + ("PushDNS = 192.0.2.53 " + " ".join(f"d{n}.example" for n in range(8)),
+                                                 "PushDNS = d8.example"),
+           5, "PushDNS", "more than 8 PushDNS search domains; a config push carries that many"),
+    # -- ClientToClient, StateDirectory, PushKeepalive
+    broken("client-to-client-maybe", SERVER_V4 + ("ClientToClient = maybe",), 4, "ClientToClient",
+           "'maybe' is not yes or no (true/false, on/off and 1/0 work too)"),
+    broken("client-to-client-empty", SERVER_V4 + ("ClientToClient =",), 4, "ClientToClient",
+           "'' is not yes or no (true/false, on/off and 1/0 work too)"),
+    broken("client-to-client-twice", SERVER_V4 + ("ClientToClient = yes", "ClientToClient = no"), 5, "ClientToClient",
+           "repeated; already set on line 4"),
+    broken("state-directory-relative", SERVER_V4 + ("StateDirectory = state/office",), 4, "StateDirectory",
+           "'state/office' is not an absolute path"),
+    broken("state-directory-empty", SERVER_V4 + ("StateDirectory =",), 4, "StateDirectory", "'' is not an absolute path"),
+    broken("state-directory-nul", SERVER_V4 + ("StateDirectory = /var/lib/\0x",), 4, "StateDirectory",
+           "a path cannot contain a NUL character"),
+    broken("state-directory-default-from-bad-stem", SERVER_V4, 1, "StateDirectory",
+           "the default from the file name does not work ('.'); set StateDirectory", config_name="..conf"),
+    broken("push-keepalive-too-large", SERVER_V4 + ("PushKeepalive = 65536",), 4, "PushKeepalive",
+           "'65536' is neither off nor 0-65535 seconds"),
+    broken("push-keepalive-word", SERVER_V4 + ("PushKeepalive = often",), 4, "PushKeepalive",
+           "'often' is neither off nor 0-65535 seconds"),
+    # -- client DNS
+    broken("client-dns-bad-domain", INTERFACE + ("DNS = 192.0.2.53, bad_domain!",), 3, "DNS",
+           "'bad_domain!' is neither an IP address nor a DNS search domain", role="client"),
+    broken("client-dns-multicast", INTERFACE + ("DNS = ff02::1",), 3, "DNS", "ff02::1 cannot be a DNS server",
+           role="client"),
+    broken("client-dns-scoped", INTERFACE + ("DNS = fe80::53%eth0",), 3, "DNS",
+           "fe80::53%eth0: scoped addresses are not supported", role="client"),
+    broken("client-dns-domain-twice", INTERFACE + ("DNS = example.com", "DNS = EXAMPLE.com."), 4, "DNS",
+           "EXAMPLE.com. is listed twice (first on line 3)", role="client"),
+    # -- server peers and the server's own addresses
+    broken("fixed-address-is-the-server", SERVER_V4 + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.1/32"),
+           6, "AllowedIPs", "203.0.113.1 is the server's own address (Address on line 3)"),
+    broken("fixed-ipv6-address-is-the-server", SERVER_V6 + (
+        "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.9/32, 2001:db8:100::1"),
+        6, "AllowedIPs", "2001:db8:100::1 is the server's own address (Address on line 3)"),
+    broken("peer-network-covers-the-server", SERVER_V4 + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.0/25"),
+           6, "AllowedIPs", "203.0.113.0/25 covers the server's own address 203.0.113.1 (Address on line 3)"),
+    broken("peer-holds-the-whole-subnet", SERVER_V4 + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.0/24"),
+           6, "AllowedIPs", "203.0.113.0/24 covers the server's own address 203.0.113.1 (Address on line 3)"),
+    broken("peer-default-route-on-a-server", SERVER_V4 + ("Address = 2001:db8:100::1/64",
+                                                          "[Peer]", "PublicKey = {pub1}", "AllowedIPs = ::/0"),
+           7, "AllowedIPs", "::/0 covers the server's own address 2001:db8:100::1 (Address on line 4)"),
+    broken("fixed-address-is-the-broadcast", SERVER_V4 + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.255"),
+           6, "AllowedIPs", "203.0.113.255 is the broadcast address of 203.0.113.0/24, not a client address "
+                            "(Address on line 3)"),
+    broken("fixed-address-is-the-network", SERVER_V4 + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.0/32"),
+           6, "AllowedIPs", "203.0.113.0 is the network address of 203.0.113.0/24, not a client address "
+                            "(Address on line 3)"),
 ]
 
 

@@ -13,7 +13,7 @@ import os
 import selectors
 import signal
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 from ..protocol.device import Device, Event
 from .tun import TunDevice
@@ -21,9 +21,22 @@ from .udp import UdpTransport
 
 log = logging.getLogger(__name__)
 
-_TUN = "tun"  # selector tags; UDP sockets are tagged with themselves
+_TUN = "tun"  # selector tags; a UDP socket is tagged (_UDP, socket)
+_UDP = "udp"
 _SIGNALS = "signals"
 MAX_WAIT = 1.0  # wake at least this often, to refresh the wall clock and to notice stop requests
+
+
+class Service(Protocol):
+    """Something else the loop watches (the control socket): it registers its own fds."""
+
+    def register(self, selector: selectors.BaseSelector) -> None: ...
+
+    def owns(self, key: selectors.SelectorKey) -> bool: ...
+
+    def handle(self, key: selectors.SelectorKey, mask: int) -> None: ...
+
+    def expire(self, now: float) -> None: ...
 
 
 class EventLoop:
@@ -33,11 +46,16 @@ class EventLoop:
         tun: TunDevice,
         udp: UdpTransport,
         on_event: Callable[[Event], None] | None = None,
+        on_tick: Callable[[float], float | None] | None = None,
+        services: tuple[Service, ...] = (),
     ) -> None:
+        """`on_tick(now)` runs every turn and returns the daemon's own next deadline."""
         self.device = device
         self.tun = tun
         self.udp = udp
         self.on_event = on_event or (lambda event: None)
+        self.on_tick = on_tick or (lambda now: None)
+        self.services = services
         self.stop_signal: int | None = None
         self._selector = selectors.DefaultSelector()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -76,23 +94,40 @@ class EventLoop:
         selector = self._selector
         selector.register(self.tun.fileno(), selectors.EVENT_READ, _TUN)
         for sock in self.udp.sockets:
-            selector.register(sock, selectors.EVENT_READ, sock)
+            selector.register(sock, selectors.EVENT_READ, (_UDP, sock))
         selector.register(self._signal_r, selectors.EVENT_READ, _SIGNALS)
-        self._flush()
+        for service in self.services:
+            service.register(selector)
+        self.flush()
         while self.stop_signal is None:
             now = time.monotonic()
             device.set_wall_clock(time.time(), now)
-            deadline = device.get_timer()
-            timeout = MAX_WAIT if deadline is None else min(MAX_WAIT, max(0.0, deadline - now))
-            for key, _ in selector.select(timeout):
+            tick_deadline = self.on_tick(now)  # after the last turn's events, which may set its deadlines
+            self._send()  # what the tick queued goes now, not after the wait
+            timeout = MAX_WAIT
+            for deadline in (device.get_timer(), tick_deadline):
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - now))
+            for key, mask in selector.select(timeout):
                 if key.data is _TUN:
                     self._on_tun()
                 elif key.data is _SIGNALS:
                     self._handle_signals()
+                elif type(key.data) is tuple and key.data[0] is _UDP:
+                    self._on_udp(key.data[1])
                 else:
-                    self._on_udp(key.data)
-            device.handle_timer(time.monotonic())
-            self._flush()
+                    self._dispatch(key, mask)
+            now = time.monotonic()
+            device.handle_timer(now)
+            for service in self.services:
+                service.expire(now)
+            self.flush()
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        for service in self.services:
+            if service.owns(key):
+                service.handle(key, mask)
+                return
 
     def _on_tun(self) -> None:
         packets = self.tun.read_batch()
@@ -106,16 +141,19 @@ class EventLoop:
             if packets:
                 self.tun.write_batch(packets)
 
-    def _flush(self) -> None:
-        """Send what the core queued and hand its events on."""
+    def flush(self) -> None:
+        """Hand the core's events on (their handlers may queue more), then send what it queued."""
         device = self.device
-        datagrams = device.datagrams_to_send()
-        if datagrams:
-            self.udp.send(datagrams)
         event = device.next_event()
         while event is not None:
             self.on_event(event)
             event = device.next_event()
+        self._send()
+
+    def _send(self) -> None:
+        datagrams = self.device.datagrams_to_send()
+        if datagrams:
+            self.udp.send(datagrams)
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)

@@ -1,4 +1,5 @@
-"""Configure the daemon's own tun device over rtnetlink: MTU, addresses, link up, routes.
+"""Configure the daemon's own tun device over rtnetlink: MTU, addresses, link up, routes,
+and the policy routing of a full tunnel.
 
 Everything this module adds is remembered so that `undo()` removes exactly that and nothing
 the administrator or the kernel put there.  It only needs `IPRoute()` in the calling process's
@@ -12,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_address
+from pathlib import Path
 from typing import Any, Callable
 
 from pyroute2 import IPRoute
@@ -29,6 +31,17 @@ _DEFAULT_METRIC = {4: 0, 6: 1024}
 
 _ADDRESS_GONE = frozenset({errno.ENODEV, errno.EADDRNOTAVAIL})
 _ROUTE_GONE = frozenset({errno.ENODEV, errno.ESRCH})
+_RULE_GONE = frozenset({errno.ENOENT})
+
+# Full tunnel.
+FIB_RULE_INVERT = 0x2  # `ip rule add not ...`
+# Just before the main table's rule (32766), the suppressing rule first: where wg-quick's rules
+# land on a system without other rules.  Fixed numbers let undo() delete exactly our rules.
+SUPPRESS_RULE_PRIORITY = 32764
+UNMARKED_RULE_PRIORITY = 32765
+SRC_VALID_MARK = Path("/proc/sys/net/ipv4/conf/all/src_valid_mark")
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+_DEFAULT_DESTINATION = {4: "0.0.0.0/0", 6: "::/0"}
 
 
 class NetlinkError(Exception):
@@ -155,6 +168,90 @@ class LinkSetup:
             ):
                 return True
         return False
+
+    def add_full_tunnel(self, version: int, table: int, fwmark: int) -> None:
+        """Send all IPv4 (`version` 4) or IPv6 (6) traffic into the device, except packets marked `fwmark`.
+
+        A default route in the main table would also capture the encrypted datagrams to the
+        server.  So, as wg-quick does: the default route goes into its own `table`; the rule
+        `not fwmark FWMARK lookup TABLE` sends every unmarked packet there, while the UDP
+        socket's packets (SO_MARK = `fwmark`) fall through to the main table and leave by the
+        underlay; a rule before it, `lookup main suppress_prefixlength 0`, lets every
+        main-table route except default routes win first (the LAN, the tunnel subnet).  For
+        IPv4 `net.ipv4.conf.all.src_valid_mark` becomes 1 (this namespace only), as wg-quick
+        sets it: reverse-path filtering then looks at a packet's mark.  That helps only once
+        the server's replies carry the mark, which takes a connmark rule in the firewall
+        (wg-quick adds one with nft; this module does not).  Without it, strict reverse-path
+        filtering (rp_filter=1) drops replies from a server reached by the default route,
+        since the unmarked reverse lookup points into the tun; loose (2, the default of
+        Debian's and Ubuntu's systemd) and off (0) are fine.
+
+        A rule identical to one of ours found in place (left by a crashed run) is taken over:
+        kept, and removed by `undo()` like one we added.  A default route already in `table`
+        is an error: some other tunnel uses that table.  The device must be up.
+        """
+        if version not in _FAMILIES:
+            raise ValueError(f"IP version must be 4 or 6, not {version!r}")
+        if not fwmark:
+            raise NetlinkError(f"full tunnel on {self.ifname} needs a non-zero fwmark on the UDP socket")
+        if version == 4:
+            self._enable_src_valid_mark()
+        self._add_table_default_route(version, table)
+        family = _FAMILIES[version]
+        self._add_rule(f"IPv{version} rule 'lookup main suppress_prefixlength 0'",
+                       dict(family=family, priority=SUPPRESS_RULE_PRIORITY, table=RT_TABLE_MAIN,
+                            suppress_prefixlen=0))
+        self._add_rule(f"IPv{version} rule 'not fwmark {fwmark:#x} lookup {table}'",
+                       dict(family=family, priority=UNMARKED_RULE_PRIORITY, table=table, fwmark=fwmark,
+                            flags=FIB_RULE_INVERT))
+
+    def _add_table_default_route(self, version: int, table: int) -> None:
+        ipr = self._netlink()
+        fields: dict[str, Any] = dict(dst=_DEFAULT_DESTINATION[version], oif=self.index, table=table,
+                                      priority=_DEFAULT_METRIC[version], family=_FAMILIES[version])
+        if version == 4:
+            fields["scope"] = RT_SCOPE_LINK
+        what = f"IPv{version} default route via {self.ifname} in table {table}"
+        try:
+            ipr.route("add", **fields)
+        except (_PyrouteNetlinkError, OSError) as exc:
+            if _error_code(exc) == errno.EEXIST:
+                raise NetlinkError(f"cannot add {what}: the table already has one "
+                                   f"(another tunnel uses table {table}?)") from exc
+            raise NetlinkError(f"cannot add {what}: {_describe(exc)}") from exc
+        self._undo_stack.append(_Undo(f"remove {what}", lambda: ipr.route("del", **fields), _ROUTE_GONE))
+
+    def _add_rule(self, what: str, fields: dict[str, Any]) -> None:
+        """Add a routing rule (or take over an identical stale one) and remember to delete it.
+
+        Deleting with every field, priority included, removes this rule and no look-alike.
+        """
+        ipr = self._netlink()
+        try:
+            ipr.rule("add", **fields)
+        except (_PyrouteNetlinkError, OSError) as exc:
+            if _error_code(exc) != errno.EEXIST:
+                raise NetlinkError(f"cannot add {what}: {_describe(exc)}") from exc
+        self._undo_stack.append(_Undo(f"remove {what}", lambda: ipr.rule("del", **fields), _RULE_GONE))
+
+    def _enable_src_valid_mark(self) -> None:
+        try:
+            previous = SRC_VALID_MARK.read_text().strip()
+            if previous == "1":
+                return
+            SRC_VALID_MARK.write_text("1")
+        except OSError as exc:
+            raise NetlinkError(f"cannot set net.ipv4.conf.all.src_valid_mark=1: {_describe(exc)}") from exc
+        self._undo_stack.append(_Undo(f"restore net.ipv4.conf.all.src_valid_mark={previous}",
+                                      lambda: self._restore_src_valid_mark(previous), frozenset()))
+
+    def _restore_src_valid_mark(self, previous: str) -> None:
+        """Put the old value back, unless another fwmark rule (another tunnel) still relies on marks.
+
+        Runs after our own rules are gone: undo() reverts newest first.
+        """
+        if not any(rule.get_attr("FRA_FWMARK") for rule in self._netlink().get_rules(family=socket.AF_INET)):
+            SRC_VALID_MARK.write_text(previous)
 
     def undo(self) -> None:
         """Remove what this object added, newest first.

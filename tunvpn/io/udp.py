@@ -83,6 +83,11 @@ class UdpTransport:
                 raise
             log.warning("IPv6 unavailable (%s); listening on IPv4 only", exc.strerror)
 
+    def set_fwmark(self, mark: int) -> None:
+        """Mark our own datagrams so policy routing can keep them out of a full tunnel."""
+        for sock in self.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
     def receive_batch(self, sock: socket.socket, max_datagrams: int = 128) -> list[tuple[bytes, tuple]]:
         """Drain one socket until it would block (or `max_datagrams`, to stay fair to the tun)."""
         batch = []

@@ -1,0 +1,291 @@
+"""`tunvpn client`: connect to a server, take the config it pushes, never give up.
+
+The first [Peer] is the server.  Without `Address`/`AllowedIPs` the client
+takes what the server pushes; with them it configures them at once and lets
+a push fill in only what it left open.  A stock WireGuard server never
+answers the config request, so after a few tries the client runs on its own
+config (or says clearly that it needs one).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from .config import Config, PeerConfig, resolve_endpoint
+from .daemon import Daemon, IPNetwork, Options, short_key
+from .io.dns import DnsError, DnsManager
+from .protocol import control
+from .protocol.device import ControlReceived, Device, Event, HandshakeCompleted, HandshakeGaveUp, KeysExpired
+
+log = logging.getLogger("tunvpn")
+
+REQUEST_INTERVAL = 1.0
+REQUEST_ATTEMPTS = 5
+STOCK_REQUEST_INTERVAL = 30.0  # keep asking now and then: the server may become a tunvpn one
+RECONNECT_BACKOFF = (1.0, 5.0, 10.0, 20.0, 40.0, 60.0)  # seconds between fresh handshakes, capped
+FULL_TUNNEL_MARK = 51820
+
+
+class Client(Daemon):
+    role = "client"
+
+    def __init__(self, config: Config, options: Options) -> None:
+        super().__init__(config, options)
+        if not config.peers:
+            raise ValueError("a client needs its server as a [Peer]")
+        self.server: PeerConfig = config.peers[0]
+        self.pushed: control.ConfigPush | None = None
+        self.mode = "waiting"  # waiting for a push | pushed | local (stock server or refused)
+        self._request_id = 0
+        self._requests_sent = 0
+        self._next_request: float | None = None
+        self._reconnect_at: float | None = None
+        self._backoff_step = 0
+        self._applied_addresses: list = []
+        self._applied_routes: list[IPNetwork] = []
+        self._full_tunnel = False
+        self.dns: DnsManager | None = None
+        for peer in config.peers:
+            self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address, **self.peer_device_settings(peer))
+
+    # --- daemon hooks -------------------------------------------------------------------------
+
+    def build_device(self) -> Device:
+        interface = self.config.interface
+        return Device(interface.private_key, mtu=interface.mtu, load_threshold=self.options.load_threshold)
+
+    def configure_link(self) -> None:
+        interface = self.config.interface
+        self.link.set_mtu(interface.mtu)
+        for address in interface.addresses:
+            self.link.add_address(address)
+        networks = [net for peer in self.config.peers for net in peer.allowed_ips]
+        self.routes_for(networks)
+        self._maybe_full_tunnel(networks)
+        if interface.dns or interface.dns_search:
+            self._apply_dns(interface.dns, interface.dns_search)
+
+    def started(self, now: float) -> None:
+        for peer in self.config.peers:
+            if peer.endpoint_address is not None:
+                self.device.initiate(peer.public_key, now)
+
+    def handle_event(self, event: Event, now: float) -> None:
+        if event.public_key != self.server.public_key:
+            return
+        if isinstance(event, HandshakeCompleted):
+            self._reconnect_at = None
+            self._backoff_step = 0
+            # Ask while we have no push; ask again when the server started the handshake, which
+            # it does after a restart (it initiates to saved endpoints) and may have lost track of us.
+            if (self.mode == "waiting" or not event.initiator) and self._next_request is None:
+                self._requests_sent = 0
+                self._next_request = now
+        elif isinstance(event, (HandshakeGaveUp, KeysExpired)):
+            self._schedule_reconnect(now, reresolve=True)
+        elif isinstance(event, ControlReceived):
+            self._handle_control(event.payload, now)
+
+    def tick(self, now: float) -> float | None:
+        if self._next_request is not None and now >= self._next_request:
+            self._send_request(now)
+        if self._reconnect_at is not None and now >= self._reconnect_at:
+            self._reconnect(now)
+        deadlines = [d for d in (self._next_request, self._reconnect_at) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def say_goodbye(self, now: float) -> None:
+        peer = self.device.peers.get(self.server.public_key)
+        if peer is not None and peer.keypairs.current is not None and self.mode == "pushed":
+            self.device.send_to_peer(self.server.public_key, [control.encode(control.Goodbye("client stopping"))], now)
+        if self.dns is not None:
+            self.dns.revert()
+            self.dns = None
+
+    def status_extra(self) -> dict:
+        pushed = None
+        if self.pushed is not None:
+            pushed = {
+                "from_server": True,
+                "addresses": [str(a) for a in self.pushed.addresses],
+                "routes": [str(n) for n in self.pushed.routes],
+                "dns": [str(d) for d in self.pushed.dns],
+                "mtu": self.pushed.mtu,
+                "keepalive": self.pushed.keepalive,
+            }
+        return {"client_to_client": None, "pushed": pushed, "config_source": self.mode}
+
+    def peer_status_extra(self, public_key: bytes) -> dict:
+        return {"tunvpn": public_key == self.server.public_key and self.mode == "pushed"}
+
+    def current_addresses(self) -> list:
+        return [*self.config.interface.addresses, *self._applied_addresses]
+
+    # --- asking the server -------------------------------------------------------------------------
+
+    def _send_request(self, now: float) -> None:
+        if self._requests_sent >= REQUEST_ATTEMPTS:
+            self._fall_back_to_local()
+            self._next_request = now + STOCK_REQUEST_INTERVAL
+            self._requests_sent = 0
+            return
+        if self._requests_sent == 0:
+            self._request_id = self._request_id % 0xFFFF + 1
+        self._requests_sent += 1
+        self._next_request = now + REQUEST_INTERVAL
+        request = control.encode(control.ConfigRequest(self._request_id))
+        self.device.send_to_peer(self.server.public_key, [request], now)
+
+    def _fall_back_to_local(self) -> None:
+        if self.mode != "waiting":
+            return
+        self.mode = "local"
+        interface = self.config.interface
+        if interface.addresses and self.server.allowed_ips:
+            log.info("server %s did not answer the config request (a stock WireGuard server?); "
+                     "running on the local Address and AllowedIPs", short_key(self.server.public_key))
+        else:
+            missing = " and ".join(k for k, v in (("Address", interface.addresses),
+                                                 ("AllowedIPs", self.server.allowed_ips)) if not v)
+            log.error("server %s did not answer the config request (a stock WireGuard server?) and %s "
+                      "lacks %s: set them to use this server", short_key(self.server.public_key),
+                      self.config.path, missing)
+
+    def _handle_control(self, payload: bytes, now: float) -> None:
+        peer = self.device.peers[self.server.public_key]
+        try:
+            message = control.decode(payload)
+        except control.ControlError as exc:
+            peer.dropped["bad_control_message"] += 1
+            log.warning("server sent a malformed control message: %s", exc)
+            return
+        if isinstance(message, control.ConfigPush):
+            self._next_request = None
+            self._apply_push(message)
+        elif isinstance(message, control.ConfigRefused):
+            self._next_request = now + STOCK_REQUEST_INTERVAL
+            self._requests_sent = 0
+            log.error("server refused to configure this client: %s", message.reason)
+        elif isinstance(message, control.Goodbye):
+            log.info("server said goodbye (%s); reconnecting", message.reason or "no reason")
+            self.device.drop_sessions(self.server.public_key)
+            if self.mode == "pushed":
+                self.mode = "waiting"  # ask again once the server is back; keep the applied config meanwhile
+            self._backoff_step = 0
+            self._schedule_reconnect(now, reresolve=False)
+        elif message is None:
+            peer.dropped["ignored_control_message"] += 1
+
+    # --- applying a push --------------------------------------------------------------------------
+
+    def _apply_push(self, push: control.ConfigPush) -> None:
+        self.mode = "pushed"
+        if self.pushed is not None and _same_push(push, self.pushed):
+            return
+        first = self.pushed is None
+        self.pushed = push
+        interface = self.config.interface
+        configured_families = {a.version for a in interface.addresses}
+        for address in push.addresses:
+            if address.version not in configured_families and address not in self._applied_addresses:
+                self.link.add_address(address)
+                self._applied_addresses.append(address)
+        if push.mtu and not interface.mtu_configured and push.mtu != self.device.mtu:
+            self.link.set_mtu(push.mtu)
+            self.device.mtu = push.mtu
+        new_routes = [net for net in push.routes if net not in self._applied_routes]
+        self._applied_routes += new_routes
+        keepalive = self.server.persistent_keepalive or (push.keepalive or 0)
+        self.device.set_peer(self.server.public_key, preshared_key=self.server.preshared_key,
+                             allowed_ips=[*self.server.allowed_ips, *self._applied_routes],
+                             persistent_keepalive=keepalive)
+        self.routes_for(new_routes)
+        self._maybe_full_tunnel(new_routes)
+        if not (interface.dns or interface.dns_search) and (push.dns or push.search) and self.dns is None:
+            self._apply_dns(push.dns, push.search)
+        log.info("%s config from the server: addresses %s, routes %s, dns %s, mtu %s, keepalive %s",
+                 "applied" if first else "updated",
+                 ", ".join(map(str, push.addresses)) or "none", ", ".join(map(str, push.routes)) or "none",
+                 ", ".join(map(str, push.dns)) or "none", push.mtu, push.keepalive)
+
+    def _maybe_full_tunnel(self, networks: list[IPNetwork]) -> None:
+        families = sorted({net.version for net in networks if net.prefixlen == 0})
+        if not families or self._full_tunnel:
+            return
+        self.udp.set_fwmark(FULL_TUNNEL_MARK)
+        for family in families:
+            self.link.add_full_tunnel(family, table=FULL_TUNNEL_MARK, fwmark=FULL_TUNNEL_MARK)
+        self._full_tunnel = True
+        log.info("full tunnel: default route%s through %s, UDP to the server marked %d",
+                 "s" if len(families) > 1 else "", self.tun.name, FULL_TUNNEL_MARK)
+
+    def _apply_dns(self, servers: list, search: list[str]) -> None:
+        self.dns = DnsManager(self.tun.name)
+        try:
+            log.info("dns: %s", self.dns.apply([str(s) for s in servers], list(search), exclusive=self._full_tunnel))
+        except DnsError as exc:
+            log.warning("dns: could not apply %s: %s", ", ".join(map(str, servers)), exc)
+            self.dns = None
+
+    # --- reconnecting ----------------------------------------------------------------------------
+
+    def _schedule_reconnect(self, now: float, reresolve: bool) -> None:
+        delay = RECONNECT_BACKOFF[min(self._backoff_step, len(RECONNECT_BACKOFF) - 1)]
+        self._backoff_step += 1
+        self._reconnect_at = now + delay
+        if reresolve:
+            self._reresolve()
+
+    def _reconnect(self, now: float) -> None:
+        self._reconnect_at = None
+        peer = self.device.peers[self.server.public_key]
+        if peer.keypairs.current is None:
+            self.device.initiate(self.server.public_key, now)
+            self._schedule_reconnect(now, reresolve=False)
+
+    def _reresolve(self) -> None:
+        """A DNS endpoint may have moved: look it up again when handshakes keep failing."""
+        if self.server.endpoint is None:
+            return
+        host, port = self.server.endpoint
+        try:
+            ipaddress.ip_address(host)
+            return  # a literal address never moves
+        except ValueError:
+            pass
+        try:
+            address = resolve_endpoint(host, port)
+        except (OSError, socket.gaierror) as exc:
+            log.warning("cannot resolve the server's endpoint %s: %s", host, exc)
+            return
+        peer = self.device.peers[self.server.public_key]
+        if address != peer.endpoint:
+            log.info("server endpoint %s now resolves to %s", host, address[0])
+            self.device.set_endpoint(self.server.public_key, address)
+
+    # --- reload -----------------------------------------------------------------------------------
+
+    def apply_reload(self, new: Config, now: float) -> None:
+        added, removed, changed = self.diff_peers(new)
+        if new.peers and new.peers[0].public_key != self.server.public_key:
+            log.warning("reload: the server ([Peer] 1) changed; restart the client to switch servers")
+            return
+        self.config = new
+        self.server = new.peers[0]
+        for public_key in removed:
+            self.device.remove_peer(public_key)
+        for peer in [*added, *changed]:
+            extra = self._applied_routes if peer.public_key == self.server.public_key else []
+            self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address,
+                                 **self.peer_device_settings(peer, extra))
+        self.routes_for([net for peer in added for net in peer.allowed_ips])
+        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
+                 len(changed))
+
+
+def _same_push(a: control.ConfigPush, b: control.ConfigPush) -> bool:
+    """Two pushes that differ only in the request id they answer."""
+    return (a.addresses, a.routes, a.dns, a.search, a.mtu, a.keepalive) == (
+        b.addresses, b.routes, b.dns, b.search, b.mtu, b.keepalive)

@@ -1,0 +1,292 @@
+"""What the server and client daemons share: bring-up, the loop, status, reload, shutdown.
+
+A daemon only wires parts together: config -> protocol core -> tun, netlink,
+UDP, control socket, systemd.  Everything it configures on the system it
+records (LinkSetup's undo stack) and removes exactly that on exit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError, PeerConfig, load_config
+from .io.controlsocket import ControlServer
+from .io.loop import EventLoop
+from .io.netlink import LinkSetup
+from .io.systemd import Notifier
+from .io.tun import TunDevice
+from .io.udp import UdpTransport
+from .keys import encode_key
+from .protocol.device import (
+    DEFAULT_LOAD_THRESHOLD,
+    CookieReceived,
+    Device,
+    EndpointChanged,
+    Event,
+    HandshakeCompleted,
+    HandshakeGaveUp,
+    KeysExpired,
+)
+from .show import DEFAULT_RUN_DIR
+
+log = logging.getLogger("tunvpn")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class StartupError(Exception):
+    """The daemon could not come up; the message says what and why, in one line."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Command-line settings that are not in the config file."""
+
+    control_socket: Path | None = None
+    state_dir: Path | None = None
+    load_threshold: int = DEFAULT_LOAD_THRESHOLD
+
+
+def short_key(key: bytes) -> str:
+    return encode_key(key)[:10] + "…"
+
+
+def format_endpoint(endpoint: tuple | None) -> str | None:
+    if endpoint is None:
+        return None
+    host, port = endpoint[0], endpoint[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _counts(counter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "none"
+
+
+class Daemon:
+    """The shared life cycle; `Server` and `Client` fill in the role-specific hooks."""
+
+    role = "daemon"
+
+    def __init__(self, config: Config, options: Options) -> None:
+        self.config = config
+        self.options = options
+        self.notifier = Notifier.from_environment()
+        self.device = self.build_device()
+        self._watchdog_interval = self.notifier.watchdog_interval()
+        self._next_watchdog = 0.0
+        self.udp: UdpTransport
+        self.tun: TunDevice
+        self.link: LinkSetup
+        self.loop: EventLoop
+
+    # --- hooks for the roles ---------------------------------------------------------
+
+    def build_device(self) -> Device:
+        raise NotImplementedError
+
+    def configure_link(self) -> None:
+        """Addresses, MTU, routes on the fresh tun."""
+        raise NotImplementedError
+
+    def started(self, now: float) -> None:
+        """The device is up: initiate what should be initiated."""
+
+    def handle_event(self, event: Event, now: float) -> None:
+        """Role-specific reaction to a core event (after it was logged)."""
+
+    def tick(self, now: float) -> float | None:
+        """Role timers; returns the next deadline."""
+        return None
+
+    def apply_reload(self, new: Config, now: float) -> None:
+        raise NotImplementedError
+
+    def say_goodbye(self, now: float) -> None:
+        """Shutdown: tell tunvpn peers we are going."""
+
+    def status_extra(self) -> dict:
+        return {}
+
+    def peer_status_extra(self, public_key: bytes) -> dict:
+        return {}
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        established = sum(1 for peer in self.device.peers.values() if peer.keypairs.current is not None)
+        return f"{established} of {len(self.device.peers)} peers connected"
+
+    # --- shared helpers ----------------------------------------------------------------
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.options.control_socket or Path(DEFAULT_RUN_DIR) / f"{self.config.name}.sock"
+
+    def peer_device_settings(self, peer: PeerConfig, extra_allowed: list[IPNetwork] = ()) -> dict:
+        return dict(
+            preshared_key=peer.preshared_key,
+            allowed_ips=[*peer.allowed_ips, *extra_allowed],
+            persistent_keepalive=peer.persistent_keepalive,
+        )
+
+    def routes_for(self, networks: list[IPNetwork]) -> None:
+        for network in networks:
+            if network.prefixlen == 0:
+                continue  # full tunnel: handled by the client's policy routing
+            self.link.add_route(network)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Bring the daemon up, run until SIGTERM/SIGINT, take down what we set up."""
+        interface = self.config.interface
+        with ExitStack() as cleanup:
+            self.udp = UdpTransport(interface.listen_port)
+            cleanup.callback(self.udp.close)
+            self.tun = TunDevice(interface.device)
+            cleanup.callback(self.tun.close)
+            self.link = LinkSetup(self.tun.name)
+            cleanup.callback(self.link.close)
+            cleanup.callback(self.link.undo)
+            self.link.set_up()  # routes need the link up
+            self.configure_link()
+            control = ControlServer(str(self.control_socket_path), self.handle_request)
+            cleanup.callback(control.close)
+            self.loop = EventLoop(self.device, self.tun, self.udp, on_event=self._on_event,
+                                  on_tick=self._on_tick, services=(control,))
+            self.loop.signal_handlers[signal.SIGHUP] = self.reload
+            self.loop.signal_handlers[signal.SIGUSR2] = self.log_statistics
+            cleanup.callback(self.loop.close)
+            log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s)",
+                     self.role, self.config.name, self.tun.name, self.udp.port,
+                     encode_key(self.device.public_key), len(self.device.peers))
+            self.started(time.monotonic())
+            self.notifier.ready()
+            self.notifier.status(self.summary())
+            self.loop.run()
+            log.info("stopping on signal %d", self.loop.stop_signal)
+            self.notifier.stopping()
+            self.say_goodbye(time.monotonic())
+            self.loop.flush()
+        return 0
+
+    def _on_event(self, event: Event) -> None:
+        self.log_event(event)
+        self.handle_event(event, time.monotonic())
+        if isinstance(event, (HandshakeCompleted, KeysExpired, HandshakeGaveUp)):
+            self.notifier.status(self.summary())
+
+    def _on_tick(self, now: float) -> float | None:
+        deadline = self.tick(now)
+        if self._watchdog_interval:
+            if now >= self._next_watchdog:
+                self.notifier.watchdog()
+                self._next_watchdog = now + self._watchdog_interval / 2
+            deadline = self._next_watchdog if deadline is None else min(deadline, self._next_watchdog)
+        return deadline
+
+    def reload(self) -> None:
+        """SIGHUP: apply the config file again; a broken one is logged and the running one stays."""
+        try:
+            new = load_config(self.config.path, role=self.role)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        unchangeable = [
+            name for name in ("private_key", "listen_port", "device")
+            if getattr(new.interface, name) != getattr(self.config.interface, name)
+        ]
+        if unchangeable:
+            log.warning("reload: %s changed; that needs a restart and is ignored now", ", ".join(unchangeable))
+        self.apply_reload(new, time.monotonic())
+        self.loop.flush()
+        self.notifier.status(self.summary())
+
+    def diff_peers(self, new: Config) -> tuple[list[PeerConfig], list[bytes], list[PeerConfig]]:
+        """(added, removed keys, changed) between the running config and `new`."""
+        old = {peer.public_key: peer for peer in self.config.peers}
+        fresh = {peer.public_key: peer for peer in new.peers}
+        added = [peer for key, peer in fresh.items() if key not in old]
+        removed = [key for key in old if key not in fresh]
+        changed = [peer for key, peer in fresh.items() if key in old and _peer_settings(old[key]) != _peer_settings(peer)]
+        return added, removed, changed
+
+    # --- observability ----------------------------------------------------------------------
+
+    def handle_request(self, request: dict) -> dict:
+        command = request.get("command")
+        if command == "show":
+            return self.status()
+        return {"error": f"unknown command {command!r}"}
+
+    def status(self) -> dict:
+        interface = self.config.interface
+        peers = []
+        for peer in self.device.peers.values():
+            allowed = self.device.allowed_ips_of(peer.public_key)
+            hosts = [net.network_address for net in allowed if net.prefixlen == net.max_prefixlen]
+            v4 = [str(a) for a in hosts if a.version == 4]
+            peers.append({
+                "public_key": encode_key(peer.public_key),
+                "endpoint": format_endpoint(peer.endpoint),
+                "allowed_ips": [str(net) for net in allowed],
+                "address": v4[0] if v4 else (str(hosts[0]) if hosts else None),
+                "addresses": [str(a) for a in hosts],
+                "latest_handshake": None if peer.last_handshake_wall is None else int(peer.last_handshake_wall),
+                "rx_bytes": peer.rx_bytes,
+                "tx_bytes": peer.tx_bytes,
+                "rx_packets": peer.rx_packets,
+                "tx_packets": peer.tx_packets,
+                "persistent_keepalive": peer.persistent_keepalive or None,
+                "dropped": dict(peer.dropped),
+                **self.peer_status_extra(peer.public_key),
+            })
+        return {
+            "interface": self.tun.name,
+            "name": self.config.name,
+            "role": self.role,
+            "public_key": encode_key(self.device.public_key),
+            "listen_port": self.udp.port,
+            "addresses": [str(a) for a in self.current_addresses()],
+            "mtu": self.device.mtu,
+            "dropped": dict(self.device.dropped) | {f"udp_{k}": v for k, v in self.udp.errors.items()},
+            **self.status_extra(),
+            "peers": peers,
+        }
+
+    def current_addresses(self) -> list:
+        return list(self.config.interface.addresses)
+
+    def log_event(self, event: Event) -> None:
+        key = short_key(event.public_key)
+        if isinstance(event, HandshakeCompleted):
+            log.info("peer %s: handshake complete (%s)", key, "initiator" if event.initiator else "responder")
+        elif isinstance(event, EndpointChanged):
+            log.info("peer %s: endpoint is now %s", key, format_endpoint(event.endpoint))
+        elif isinstance(event, HandshakeGaveUp):
+            log.warning("peer %s: handshake did not complete after %d s", key, 90)
+        elif isinstance(event, KeysExpired):
+            log.info("peer %s: session keys expired and dropped", key)
+        elif isinstance(event, CookieReceived):
+            log.info("peer %s: is under load and sent a cookie; the next handshake carries mac2", key)
+
+    def log_statistics(self) -> None:
+        """SIGUSR2, as with OpenVPN: one line per peer and one for what was dropped."""
+        wall_now = time.time()
+        for peer in self.device.peers.values():
+            handshake = "never" if peer.last_handshake_wall is None else f"{wall_now - peer.last_handshake_wall:.0f}s ago"
+            log.info(
+                "peer %s: endpoint %s, handshake %s, rx %d B / %d pkts, tx %d B / %d pkts, dropped %s",
+                short_key(peer.public_key), format_endpoint(peer.endpoint), handshake,
+                peer.rx_bytes, peer.rx_packets, peer.tx_bytes, peer.tx_packets, _counts(peer.dropped),
+            )
+        log.info("device: dropped %s; udp errors %s", _counts(self.device.dropped), _counts(self.udp.errors))
+
+
+def _peer_settings(peer: PeerConfig) -> tuple:
+    return (peer.preshared_key, tuple(peer.allowed_ips), peer.endpoint, peer.persistent_keepalive)

@@ -1,0 +1,259 @@
+"""`tunvpn server`: one tun for all clients, an address pool, pushed config, saved endpoints."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+from .config import Config
+from .daemon import Daemon, IPNetwork, Options, short_key
+from .pool import AddressPool, Lease, PoolExhausted
+from .protocol import control
+from .protocol.device import ControlReceived, Device, EndpointChanged, Event
+from .state import StateStore, endpoint_from_text, endpoint_to_text
+
+log = logging.getLogger("tunvpn")
+
+DEFAULT_STATE_ROOT = Path("/var/lib/tunvpn")
+STATE_SAVE_DELAY = 1.0  # endpoints change in bursts when clients roam: save at most this often
+REQUESTS_PER_PEER_INTERVAL = 0.2  # a peer asking more often than this is ignored (and counted)
+
+
+class Server(Daemon):
+    role = "server"
+
+    def __init__(self, config: Config, options: Options) -> None:
+        super().__init__(config, options)
+        self.store = StateStore(self.state_directory)
+        self.state = self.store.load()
+        for problem in self.store.problems:
+            log.warning("state: %s", problem)
+        self._save_at: float | None = None
+        self.pool = self._build_pool(config, self.state.leases)
+        self.tunvpn_peers: set[bytes] = set()
+        self._last_request: dict[bytes, float] = {}
+        self._sync_peers(config.peers, endpoints=True)
+
+    @property
+    def state_directory(self) -> Path:
+        configured = self.config.interface.state_directory
+        return self.options.state_dir or (Path(configured) if configured else DEFAULT_STATE_ROOT / self.config.name)
+
+    # --- addresses ----------------------------------------------------------------------
+
+    def _build_pool(self, config: Config, leases: dict[bytes, Lease]) -> AddressPool:
+        """A pool for `config` that keeps every still-valid lease, and frees leases made useless
+        by a fixed address, so a peer never holds two addresses of one family."""
+        reserved = [net for peer in config.peers for net in peer.allowed_ips]
+        pool = AddressPool(config.interface.addresses, config.interface.pools, reserved)
+        for warning in pool.restore(leases):
+            log.warning("leases: %s", warning)
+        for peer in config.peers:
+            fixed = pool.fixed_lease(peer.allowed_ips)
+            if fixed is not None and not self._pool_families(pool, fixed):
+                pool.release(peer.public_key)
+        if pool.leases() != leases:
+            self.state.leases = pool.leases()
+            self._schedule_save(0.0)
+        return pool
+
+    @staticmethod
+    def _pool_families(pool: AddressPool, fixed: Lease | None) -> list[int]:
+        """The families a peer takes from the pool: those without a fixed address."""
+        return [version for version in pool.subnets if fixed is None or fixed.get(version) is None]
+
+    def _peer_addresses(self, public_key: bytes, allowed_ips) -> list:
+        """A peer's tunnel addresses: fixed ones from its AllowedIPs, the rest from its lease."""
+        fixed = self.pool.fixed_lease(allowed_ips)
+        lease = self.pool.leases().get(public_key)
+        addresses = list(fixed.addresses) if fixed is not None else []
+        if lease is not None:
+            addresses += [lease.get(v) for v in self._pool_families(self.pool, fixed) if lease.get(v) is not None]
+        return addresses
+
+    def _sync_peers(self, peers, endpoints: bool) -> None:
+        """Install peers in the device with their config plus their leased addresses; sessions survive."""
+        for peer in peers:
+            leased = [ipaddress.ip_network(a.ip) for a in self._peer_addresses(peer.public_key, peer.allowed_ips)
+                      if ipaddress.ip_network(a.ip) not in peer.allowed_ips]
+            self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address if endpoints else None,
+                                 **self.peer_device_settings(peer, leased))
+
+    def _subnets(self) -> list[IPNetwork]:
+        return [address.network for address in self.config.interface.addresses]
+
+    def _config_peer(self, public_key: bytes):
+        return next(peer for peer in self.config.peers if peer.public_key == public_key)
+
+    def _addresses_for(self, public_key: bytes) -> list:
+        """What to push as the client's address: its fixed address, else a pool lease."""
+        peer = self._config_peer(public_key)
+        fixed = self.pool.fixed_lease(peer.allowed_ips)
+        families = self._pool_families(self.pool, fixed)
+        if families:
+            before = self.pool.leases().get(public_key)
+            lease = self.pool.lease(public_key, families)  # may raise PoolExhausted
+            if lease != before:
+                self.state.leases = self.pool.leases()
+                self._schedule_save(0.0)
+                for address in lease.addresses:
+                    self.device.add_allowed_ip(public_key, ipaddress.ip_network(address.ip))
+                log.info("peer %s: leased %s", short_key(public_key), _describe_lease(lease))
+        return self._peer_addresses(public_key, peer.allowed_ips)
+
+    # --- daemon hooks -------------------------------------------------------------------
+
+    def build_device(self) -> Device:
+        interface = self.config.interface
+        return Device(interface.private_key, mtu=interface.mtu, load_threshold=self.options.load_threshold,
+                      forward_between_peers=bool(interface.client_to_client))
+
+    def configure_link(self) -> None:
+        interface = self.config.interface
+        self.link.set_mtu(interface.mtu)
+        for address in interface.addresses:
+            self.link.add_address(address)
+        subnets = self._subnets()
+        self.routes_for([net for peer in self.config.peers for net in peer.allowed_ips
+                         if not any(net.version == s.version and net.subnet_of(s) for s in subnets)])
+
+    def started(self, now: float) -> None:
+        """Initiate to every client's last endpoint, so clients recover at once after a restart."""
+        for public_key, text in self.state.endpoints.items():
+            peer = self.device.peers.get(public_key)
+            if peer is None:
+                continue
+            if peer.endpoint is None:
+                self.device.set_endpoint(public_key, endpoint_from_text(text))
+            self.device.initiate(public_key, now)
+            log.info("peer %s: initiating to its last endpoint %s", short_key(public_key), text)
+
+    def handle_event(self, event: Event, now: float) -> None:
+        if isinstance(event, ControlReceived):
+            self._handle_control(event.public_key, event.payload, now)
+        elif isinstance(event, EndpointChanged):
+            self.state.endpoints[event.public_key] = endpoint_to_text(event.endpoint)
+            self._schedule_save(now + STATE_SAVE_DELAY)
+
+    def tick(self, now: float) -> float | None:
+        if self._save_at is not None and now >= self._save_at:
+            self._save()
+        return self._save_at
+
+    def say_goodbye(self, now: float) -> None:
+        goodbye = control.encode(control.Goodbye("server shutting down"))
+        for public_key in self.tunvpn_peers:
+            peer = self.device.peers.get(public_key)
+            if peer is not None and peer.keypairs.current is not None:
+                self.device.send_to_peer(public_key, [goodbye], now)
+        if self._save_at is not None:
+            self._save()
+
+    def status_extra(self) -> dict:
+        return {"client_to_client": bool(self.config.interface.client_to_client), "pushed": None}
+
+    def peer_status_extra(self, public_key: bytes) -> dict:
+        return {"tunvpn": public_key in self.tunvpn_peers}
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _schedule_save(self, at: float) -> None:
+        if self._save_at is None or at < self._save_at:
+            self._save_at = at
+
+    def _save(self) -> None:
+        self._save_at = None
+        try:
+            self.store.save(self.state)
+        except OSError as exc:
+            log.error("cannot save state in %s: %s", self.state_directory, exc.strerror or exc)
+
+    # --- the control extension -------------------------------------------------------------
+
+    def _handle_control(self, public_key: bytes, payload: bytes, now: float) -> None:
+        peer = self.device.peers.get(public_key)
+        if peer is None:
+            return
+        try:
+            message = control.decode(payload)
+        except control.ControlError as exc:
+            peer.dropped["bad_control_message"] += 1
+            log.debug("peer %s: bad control message: %s", short_key(public_key), exc)
+            return
+        if message is None:
+            peer.dropped["ignored_control_message"] += 1
+        elif isinstance(message, control.ConfigRequest):
+            last = self._last_request.get(public_key)
+            if last is not None and now - last < REQUESTS_PER_PEER_INTERVAL:
+                peer.dropped["control_rate_limited"] += 1
+                return
+            self._last_request[public_key] = now
+            self.tunvpn_peers.add(public_key)
+            self.device.send_to_peer(public_key, [self._encoded_answer(public_key, message.request_id)], now)
+        elif isinstance(message, control.Goodbye):
+            log.info("peer %s: said goodbye (%s)", short_key(public_key), message.reason or "no reason")
+            self.device.drop_sessions(public_key)
+        else:
+            peer.dropped["unexpected_control_message"] += 1
+
+    def _encoded_answer(self, public_key: bytes, request_id: int) -> bytes:
+        answer = self._answer(public_key, request_id)
+        try:
+            return control.encode(answer)
+        except control.ControlError as exc:  # check-config guards against this; never crash on it
+            log.error("cannot push config to peer %s: %s", short_key(public_key), exc)
+            return control.encode(control.ConfigRefused(request_id, "the server's push does not fit a message"))
+
+    def _answer(self, public_key: bytes, request_id: int):
+        try:
+            addresses = self._addresses_for(public_key)
+        except PoolExhausted as exc:
+            log.warning("peer %s: no address to give: %s", short_key(public_key), exc)
+            return control.ConfigRefused(request_id, f"address pool exhausted: {exc}")
+        interface = self.config.interface
+        return control.ConfigPush(
+            request_id=request_id,
+            addresses=addresses,
+            routes=[*self._subnets(), *interface.push_routes],
+            dns=list(interface.push_dns),
+            search=list(interface.push_dns_search),
+            mtu=interface.mtu,
+            keepalive=interface.push_keepalive,
+        )
+
+    def _push_all(self, now: float) -> None:
+        """Settings changed on reload: push again, unasked, to every tunvpn client."""
+        for public_key in self.tunvpn_peers:
+            if public_key in self.device.peers:
+                self.device.send_to_peer(public_key, [self._encoded_answer(public_key, 0)], now)
+
+    # --- reload ---------------------------------------------------------------------------------
+
+    def apply_reload(self, new: Config, now: float) -> None:
+        added, removed, changed = self.diff_peers(new)
+        old_push = _push_settings(self.config)
+        self.config = new
+        self.pool = self._build_pool(new, self.pool.leases())
+        self.device.forward_between_peers = bool(new.interface.client_to_client)
+        for public_key in removed:
+            self.device.remove_peer(public_key)
+            self.tunvpn_peers.discard(public_key)
+            self._last_request.pop(public_key, None)
+        # Every peer again: a lease moved by the new pool must reach cryptokey routing too.
+        self._sync_peers(new.peers, endpoints=True)
+        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
+                 len(changed))
+        if _push_settings(new) != old_push:
+            self._push_all(now)
+
+
+def _push_settings(config: Config) -> tuple:
+    interface = config.interface
+    return (tuple(interface.push_routes), tuple(interface.push_dns), tuple(interface.push_dns_search),
+            interface.push_keepalive, interface.mtu,
+            tuple(interface.addresses))
+
+
+def _describe_lease(lease: Lease) -> str:
+    return ", ".join(str(a) for a in (lease.ipv4, lease.ipv6) if a is not None)

@@ -1,0 +1,216 @@
+"""`tunvpn show`: ask running daemons for their status over the control socket and print it.
+
+The text follows `wg show` (same labels, units and peer order) so WireGuard admins read it at
+a glance; tunvpn adds what wg cannot know: roles, addresses handed out, pushed config, drops.
+`--json` prints the daemon's status document unchanged, for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+from .io.controlsocket import DEFAULT_RUN_DIR, ControlSocketError, default_socket_path, query
+
+EXIT_NOT_RUNNING = 1
+EXIT_USAGE = 2
+QUERY_TIMEOUT = 5.0
+_SOCKET_SUFFIX = ".sock"
+_BYTE_UNITS = ("KiB", "MiB", "GiB", "TiB")
+_TIME_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+__all__ = ["DEFAULT_RUN_DIR", "format_status", "register_show_parser", "run_show"]
+
+
+# --- text formatting ------------------------------------------------------------------
+
+
+def format_bytes(count: int) -> str:
+    """As wg prints transfer: whole bytes below 1 KiB, else two decimals in the largest unit that fits."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in _BYTE_UNITS:
+        value /= 1024
+        if value < 1024 or unit == _BYTE_UNITS[-1]:
+            return f"{value:.2f} {unit}"
+    raise AssertionError("unreachable: the last unit always returns")
+
+
+def format_duration(seconds: int) -> str:
+    """'1 hour, 2 minutes, 5 seconds': non-zero parts only, singular where it is one."""
+    parts = []
+    for name, size in _TIME_UNITS:
+        amount, seconds = divmod(seconds, size)
+        if amount:
+            parts.append(f"{amount} {name}{'' if amount == 1 else 's'}")
+    return ", ".join(parts) or "0 seconds"
+
+
+def format_handshake(latest: int | float | None, now: float) -> str:
+    if latest is None:
+        return "never"
+    elapsed = int(now - latest)
+    if elapsed < 0:
+        return "in the future (has the clock been set back?)"
+    if elapsed == 0:
+        return "now"
+    return f"{format_duration(elapsed)} ago"
+
+
+def _join(items: Iterable[Any]) -> str:
+    return ", ".join(str(item) for item in items) or "(none)"
+
+
+def _drops(counts: dict[str, int] | None) -> str | None:
+    if not counts:
+        return None
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+
+
+def _pushed_config(pushed: dict | None) -> str:
+    if not pushed:
+        return "local (no push received)"
+    details = [
+        f"addresses {_join(pushed.get('addresses', []))}",
+        f"routes {_join(pushed.get('routes', []))}",
+        f"dns {_join(pushed.get('dns', []))}",
+    ]
+    if pushed.get("mtu"):
+        details.append(f"mtu {pushed['mtu']}")
+    if pushed.get("keepalive"):
+        details.append(f"keepalive every {format_duration(pushed['keepalive'])}")
+    return f"pushed by the server ({', '.join(details)})"
+
+
+def _interface_lines(status: dict) -> list[str]:
+    lines = [f"interface: {status.get('interface', '?')}"]
+    if status.get("role"):
+        lines.append(f"  role: {status['role']}" + (f" (config {status['name']})" if status.get("name") else ""))
+    lines.append(f"  public key: {status.get('public_key', '?')}")
+    if status.get("listen_port") is not None:
+        lines.append(f"  listening port: {status['listen_port']}")
+    lines.append(f"  addresses: {_join(status.get('addresses', []))}")
+    if status.get("mtu") is not None:
+        lines.append(f"  mtu: {status['mtu']}")
+    if status.get("role") == "server":
+        lines.append(f"  client-to-client: {'yes' if status.get('client_to_client') else 'no'}")
+    elif status.get("role") == "client":
+        lines.append(f"  config: {_pushed_config(status.get('pushed'))}")
+    drops = _drops(status.get("dropped"))
+    if drops:
+        lines.append(f"  dropped: {drops}")
+    return lines
+
+
+def _peer_lines(peer: dict, now: float) -> list[str]:
+    lines = [f"peer: {peer.get('public_key', '?')}"]
+    if peer.get("endpoint"):
+        lines.append(f"  endpoint: {peer['endpoint']}")
+    lines.append(f"  allowed ips: {_join(peer.get('allowed_ips', []))}")
+    addresses = peer.get("addresses") or ([peer["address"]] if peer.get("address") else [])
+    if addresses:
+        lines.append(f"  address{'es' if len(addresses) > 1 else ''}: {_join(addresses)}")
+    lines.append(f"  latest handshake: {format_handshake(peer.get('latest_handshake'), now)}")
+    lines.append(
+        f"  transfer: {format_bytes(peer.get('rx_bytes', 0))} received, {format_bytes(peer.get('tx_bytes', 0))} sent"
+    )
+    if peer.get("persistent_keepalive"):
+        lines.append(f"  persistent keepalive: every {format_duration(peer['persistent_keepalive'])}")
+    if "tunvpn" in peer:  # False also while a tunvpn peer has not spoken yet: say only what is known
+        lines.append(f"  control extension: {'yes' if peer['tunvpn'] else 'not seen'}")
+    drops = _drops(peer.get("dropped"))
+    if drops:
+        lines.append(f"  dropped: {drops}")
+    return lines
+
+
+def sorted_peers(peers: list[dict]) -> list[dict]:
+    """wg's order: most recent handshake first, peers that never shook hands last (stable otherwise)."""
+    return sorted(peers, key=lambda peer: (peer.get("latest_handshake") is None, -(peer.get("latest_handshake") or 0)))
+
+
+def format_status(status: dict, now: float | None = None) -> str:
+    """The `wg show`-like text for one daemon's status document; `now` is unix seconds."""
+    now = time.time() if now is None else now
+    blocks = [_interface_lines(status)]
+    blocks += [_peer_lines(peer, now) for peer in sorted_peers(status.get("peers", []))]
+    return "\n\n".join("\n".join(block) for block in blocks) + "\n"
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def register_show_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("show", help="show the status of running tunvpn daemons")
+    parser.add_argument("name", nargs="?", metavar="NAME",
+                        help=f"config name (its socket is {DEFAULT_RUN_DIR}/NAME.sock); default: every daemon")
+    parser.add_argument("--control-socket", metavar="PATH", help="the daemon's control socket, instead of NAME")
+    parser.add_argument("--json", action="store_true", help="print the status document(s) as JSON")
+    parser.set_defaults(func=run_show)
+    return parser
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _explicit_socket(args: argparse.Namespace, run_dir: str) -> str | None:
+    """The one socket NAME or --control-socket names, or None to show every daemon."""
+    if args.name is not None and args.control_socket is not None:
+        raise _UsageError("give NAME or --control-socket, not both")
+    if args.control_socket is not None:
+        return args.control_socket
+    if args.name is not None:
+        if not args.name or "/" in args.name or args.name.startswith("."):
+            raise _UsageError(f"invalid NAME {args.name!r}: a config name, like office for /etc/tunvpn/office.conf")
+        return default_socket_path(args.name, run_dir)
+    return None
+
+
+def _discover_sockets(run_dir: str) -> list[str]:
+    try:
+        names = sorted(entry.name for entry in os.scandir(run_dir) if entry.name.endswith(_SOCKET_SUFFIX))
+    except FileNotFoundError:
+        names = []
+    except PermissionError:
+        raise ControlSocketError(f"permission denied on {run_dir} (the control sockets are root-only)") from None
+    except OSError as exc:
+        raise ControlSocketError(f"cannot list {run_dir}: {exc.strerror or exc}") from None
+    if not names:
+        raise ControlSocketError(f"no tunvpn daemon is running (no control socket in {run_dir})")
+    return [os.path.join(run_dir, name) for name in names]
+
+
+def run_show(args: argparse.Namespace, run_dir: str = DEFAULT_RUN_DIR) -> int:
+    """Print each daemon's status; exit 1 if one of them does not answer (others still print)."""
+    try:
+        explicit = _explicit_socket(args, run_dir)
+    except _UsageError as exc:
+        print(f"tunvpn show: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        paths = [explicit] if explicit is not None else _discover_sockets(run_dir)
+    except ControlSocketError as exc:
+        print(f"tunvpn show: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    statuses, failed = [], False
+    for path in paths:
+        try:
+            statuses.append(query(path, {"command": "show"}, timeout=QUERY_TIMEOUT))
+        except ControlSocketError as exc:
+            print(f"tunvpn show: {exc}", file=sys.stderr)
+            failed = True
+    if args.json:
+        if explicit is not None:
+            if statuses:
+                print(json.dumps(statuses[0], indent=2))
+        else:  # every daemon: always a list, so scripts need not care how many run
+            print(json.dumps(statuses, indent=2))
+    else:
+        print("\n".join(format_status(status) for status in statuses), end="")
+    return EXIT_NOT_RUNNING if failed else 0
