@@ -23,8 +23,9 @@ class Tunvpn:
     """One `python -m tunvpn server|client` process; its log is collected line by line."""
 
     def __init__(self, host: Host, role: str, config_text: str, name: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.host = host
+        self.env = env or {}
         self.role = role
         self.name = name or role
         self.extra_args = extra_args
@@ -56,7 +57,7 @@ class Tunvpn:
         if self.role == "server":
             cmd += ["--state-dir", str(self.state_dir)]
         self.lines = []
-        self.process = self.host.popen(cmd, env=python_env(), stdout=subprocess.PIPE,
+        self.process = self.host.popen(cmd, env=python_env() | self.env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._collect, args=(self.process,), daemon=True).start()
         if wait:

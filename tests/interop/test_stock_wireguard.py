@@ -117,6 +117,9 @@ def test_tunvpn_initiator_to_stock_responder(lab, psk):
     setup.tunvpn.wait_log(r"handshake complete \(initiator\)", 10)  # the tunvpn client initiates at start
     setup.stock.wait_for_handshake(pubkey(setup.tunvpn_key), timeout=5)
     check_traffic(setup)
+    # The stock server ignored the config requests; the client said so and runs on its own config.
+    setup.tunvpn.wait_log(r"did not answer the config request .*running on the local Address", 10)
+    assert setup.tunvpn.show()["pushed"] is None
     assert setup.tunvpn.stop() == 0
 
 

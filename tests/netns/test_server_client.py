@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+from pathlib import Path
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,12 +113,17 @@ def test_pool_clients_and_stock_peer_reach_server_and_lan(lab):
     office = build_office(lab)
     addresses = {name: office.address_of(name) for name in office.clients}
     assert len(set(addresses.values())) == 2 and STOCK_TUNNEL not in addresses.values()
+    v6 = {name: office.clients[name].show()["pushed"]["addresses"][1] for name in office.clients}
+    assert len(set(v6.values())) == 2
+    assert all(ipaddress.ip_interface(a).network == ipaddress.ip_network("2001:db8:100::/64") for a in v6.values())
     for address in addresses.values():
         assert ipaddress.ip_address(address) in ipaddress.ip_network("203.0.113.0/24")
     hosts = [*office.client_hosts.values(), office.stock_host]
     for host in hosts:
         wait_for_ping(host, SERVER_TUNNEL, timeout=10)
         host.ping(LAN_HOST, count=2, timeout=5)
+    for host in office.client_hosts.values():
+        host.ping("2001:db8:100::1", count=2, timeout=5)
     for host in hosts:
         result = transfer(host, office.lanhost, LAN_HOST, 20 * MB, timeout=60)
         assert result.sent_sha256 == result.received_sha256
@@ -125,7 +131,10 @@ def test_pool_clients_and_stock_peer_reach_server_and_lan(lab):
     office.clients["client1"].stop()
     office.clients["client1"].start().wait_log(r"applied config from the server", 10)
     assert office.address_of("client1") == addresses["client1"]
+    marks = {name: len(daemon.lines) for name, daemon in office.clients.items()}
     assert office.server.stop() == 0
+    for name, daemon in office.clients.items():
+        daemon.wait_log(r"server said goodbye", 5, after=marks[name])
     office.server.start()
     for name in office.clients:
         wait_for_ping(office.client_hosts[name], SERVER_TUNNEL, timeout=10)
@@ -184,6 +193,10 @@ def test_client_roams_to_a_new_address(lab):
 
 def test_sighup_adds_and_removes_peers_while_a_transfer_runs(lab):
     office = build_office(lab, clients=("client1", "client2", "client3"), stock=False)
+    office.server.write_config("[Interface]\nPrivateKey = broken\n")
+    office.server.signal(signal.SIGHUP)
+    office.server.wait_log(r"reload refused, keeping the running config: .*:2: PrivateKey:", 5)
+    wait_for_ping(office.client_hosts["client3"], SERVER_TUNNEL, timeout=5)
     office.server.write_config(office.server_config(["client1", "client2"]))  # client3 not yet allowed
     office.server.signal(signal.SIGHUP)
     office.server.wait_log(r"reloaded .*: 0 peer\(s\) added, 1 removed", 5)
@@ -262,3 +275,76 @@ def test_full_tunnel_client_reaches_the_lan(lab):
     assert office.server.peer(pubkey(key))["endpoint"].startswith("192.0.2.14:")
     result = transfer(host, office.lanhost, LAN_HOST, 5 * MB, timeout=30)
     assert result.sent_sha256 == result.received_sha256
+    assert client.stop() == 0
+    for family in ("-4", "-6"):
+        rules = host.run(["ip", family, "rule", "show"]).stdout
+        assert "fwmark" not in rules and "suppress_prefixlength" not in rules, rules
+        assert host.run(["ip", family, "route", "show", "table", "all", "default"]).stdout.strip() == ""
+
+
+FAKE_RESOLVCONF = """#!/bin/sh
+# Records how tunvpn called resolvconf; touches nothing else.
+{ echo "ARGS $*"; cat; echo "END"; } >> "$FAKE_RESOLVCONF_LOG"
+"""
+
+
+def test_pushed_dns_goes_through_resolvconf_and_is_removed(lab, tmp_path):
+    office = build_office(lab, clients=(), stock=False)
+    host = lab.add_host("laptop")
+    lab.connect(host, office.wan, ["192.0.2.15/24"])
+    key = genkey()
+    office.client_keys["laptop"] = key
+    office.server.write_config(office.server_config(["laptop"]).replace(
+        "ClientToClient = no", "ClientToClient = no\nPushDNS = 198.51.100.53, office.example"))
+    office.server.signal(signal.SIGHUP)
+    office.server.wait_log(r"reloaded", 5)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "resolvconf").write_text(FAKE_RESOLVCONF)
+    (tools / "resolvconf").chmod(0o755)
+    calls = tmp_path / "resolvconf.log"
+    host_resolv_conf = Path("/etc/resolv.conf").read_bytes()
+    client = Tunvpn(host, "client", client_config(key, office.server_key), name="laptop",
+                    env={"PATH": f"{tools}:/usr/sbin:/usr/bin:/sbin:/bin", "FAKE_RESOLVCONF_LOG": str(calls)}).start()
+    client.wait_log(r"dns: ", 10)
+    applied = calls.read_text()
+    assert "ARGS -a tv-laptop" in applied or "ARGS -a tun.tv-laptop" in applied, applied
+    assert "nameserver 198.51.100.53" in applied and "search office.example" in applied, applied
+    assert client.show()["pushed"]["dns"] == ["198.51.100.53"]
+    assert client.stop() == 0
+    assert "ARGS -d" in calls.read_text().split("END")[-2], calls.read_text()
+    assert Path("/etc/resolv.conf").read_bytes() == host_resolv_conf
+
+
+def test_daemon_reports_to_systemd(lab, tmp_path):
+    import socket as socketlib
+
+    host = lab.add_host("server")
+    notify_path = tmp_path / "notify"
+    receiver = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    receiver.bind(str(notify_path))
+    receiver.settimeout(5)
+    messages: list[str] = []
+
+    def wait_for(field: str) -> None:
+        deadline = time.monotonic() + 5
+        while not any(field in m for m in messages):
+            assert time.monotonic() < deadline, f"no {field} from the daemon; got {messages}"
+            messages.append(receiver.recv(4096).decode())
+
+    try:
+        key, peer = genkey(), genkey()
+        daemon = Tunvpn(host, "server", f"[Interface]\nPrivateKey = {key}\nAddress = 203.0.113.1/24\n"
+                                        f"[Peer]\nPublicKey = {pubkey(peer)}\n",
+                        env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"})
+        daemon.start(wait=False)
+        wait_for("READY=1")
+        assert any(link["ifname"] == daemon.device for link in host.ip_json("link", "show"))
+        wait_for("STATUS=0 of 1 peers connected")
+        messages.clear()
+        wait_for("WATCHDOG=1")
+        daemon.signal(signal.SIGTERM)
+        wait_for("STOPPING=1")
+        assert daemon.process.wait(timeout=10) == 0
+    finally:
+        receiver.close()
