@@ -49,9 +49,9 @@ def _require_root(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture
-def lab() -> Iterator["Lab"]:
-    """A fresh lab of network namespaces, removed after the test whatever happens."""
-    from netlab import Lab  # root tests only: the import itself needs nothing, the lab needs root
+def lab() -> Iterator[object]:
+    """A fresh lab of network namespaces (netlab.Lab), removed after the test whatever happens."""
+    from netlab import Lab
 
     with Lab() as new_lab:
         yield new_lab

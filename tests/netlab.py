@@ -587,3 +587,37 @@ def _finish(process: subprocess.Popen[bytes], deadline: float, what: str) -> str
         last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise LabError(f"{what} failed with exit code {process.returncode}: {last}")
     return out.decode().strip()
+
+
+# --- code under test in a namespace -----------------------------------------------------------
+
+AGENT_REPLY_TIMEOUT = 10.0
+
+
+class PythonAgent:
+    """A Python process in a namespace answering one JSON request per line with one JSON reply.
+
+    Devices and netlink are per namespace, so tests drive the code under test from inside one.
+    `script` reads requests from stdin and prints replies; `call` returns a reply, `ok` insists
+    on success.
+    """
+
+    def __init__(self, host: Host, script: str, wrapper: Sequence[str] = ()) -> None:
+        self.process = host.popen([*wrapper, sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env())
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"op": op, **args}).encode() + b"\n")
+        self.process.stdin.flush()
+        try:
+            return json.loads(read_line(self.process, time.monotonic() + AGENT_REPLY_TIMEOUT, f"the reply to {op}"))
+        except Exception as exc:
+            self.process.kill()
+            _, err = self.process.communicate(timeout=5)
+            raise AssertionError(f"agent failed on {op}: {exc}\n{err.decode(errors='replace')}") from exc
+
+    def ok(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.call(op, **args)
+        assert "error" not in reply, reply
+        return reply

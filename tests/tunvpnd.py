@@ -23,8 +23,10 @@ class Tunvpn:
     """One `python -m tunvpn server|client` process; its log is collected line by line."""
 
     def __init__(self, host: Host, role: str, config_text: str, name: str | None = None,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 python: str | None = None) -> None:
         self.host = host
+        self.python = python or sys.executable  # another interpreter runs it on other library versions
         self.env = env or {}
         self.role = role
         self.name = name or role
@@ -52,7 +54,7 @@ class Tunvpn:
         return "tv-" + self.name[:12]
 
     def start(self, wait: bool = True) -> Tunvpn:
-        cmd = [sys.executable, "-m", "tunvpn", self.role, "-c", str(self.config_path),
+        cmd = [self.python, "-m", "tunvpn", self.role, "-c", str(self.config_path),
                "--log-level", "debug", "--control-socket", str(self.control_socket), *self.extra_args]
         if self.role == "server":
             cmd += ["--state-dir", str(self.state_dir)]
@@ -113,7 +115,7 @@ class Tunvpn:
 
     def show(self) -> dict:
         """`tunvpn show --json` against this daemon's control socket, run inside its host."""
-        result = self.host.run([sys.executable, "-m", "tunvpn", "show", "--control-socket",
+        result = self.host.run([self.python, "-m", "tunvpn", "show", "--control-socket",
                                 str(self.control_socket), "--json"], env=python_env())
         return json.loads(result.stdout)
 

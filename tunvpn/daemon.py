@@ -225,7 +225,6 @@ class Daemon:
         return {"error": f"unknown command {command!r}"}
 
     def status(self) -> dict:
-        interface = self.config.interface
         peers = []
         for peer in self.device.peers.values():
             allowed = self.device.allowed_ips_of(peer.public_key)

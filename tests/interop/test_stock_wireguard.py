@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from netlab import Host, Lab, stop_process, transfer, wait_until
+from netlab import Host, Lab, stop_process, transfer
 from stockwg import StockWireGuard, genkey, genpsk, pubkey
 from tunvpnd import Tunvpn, wait_for_ping
 

@@ -13,11 +13,10 @@ import ipaddress
 import json
 import struct
 import subprocess
-import sys
 import time
 from typing import Any, Callable
 
-from netlab import Host, Lab, python_env, read_line
+from netlab import AGENT_REPLY_TIMEOUT, Host, Lab, PythonAgent, read_line
 
 TABLE = 51820
 FWMARK = 4242  # deliberately not the table number, so a mix-up cannot pass
@@ -25,7 +24,6 @@ TUN_V4, TUN_V6 = "203.0.113.2/24", "2001:db8:100::2/64"
 CLIENT_V4, CLIENT_V6 = "192.0.2.2/24", "2001:db8:1::2/64"
 SERVER_V4, SERVER_V6 = "192.0.2.1", "2001:db8:1::1"
 INTERNET_V4, INTERNET_V6 = "198.51.100.7", "2001:db8:50::7"
-REPLY_TIMEOUT_SECONDS = 10.0
 
 _AGENT = r"""
 import json, select, socket, sys
@@ -96,30 +94,6 @@ with selectors.DefaultSelector() as selector:
 """
 
 
-class Agent:
-    """The code under test, running in the client namespace (devices and netlink are per namespace)."""
-
-    def __init__(self, host: Host) -> None:
-        self.process = host.popen([sys.executable, "-c", _AGENT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env())
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"op": op, **args}).encode() + b"\n")
-        self.process.stdin.flush()
-        try:
-            return json.loads(read_line(self.process, time.monotonic() + REPLY_TIMEOUT_SECONDS, f"reply to {op}"))
-        except Exception as exc:
-            self.process.kill()
-            _, err = self.process.communicate(timeout=5)
-            raise AssertionError(f"agent failed on {op}: {exc}\n{err.decode(errors='replace')}") from exc
-
-    def ok(self, op: str, **args: Any) -> dict[str, Any]:
-        reply = self.call(op, **args)
-        assert "error" not in reply, reply
-        return reply
-
-
 class EchoServer:
     """UDP echo sockets in the server namespace; `next()` returns the next datagram it got."""
 
@@ -129,13 +103,13 @@ class EchoServer:
         self.ports: dict[str, int] = json.loads(self._line("the echo server to bind"))
 
     def _line(self, what: str) -> str:
-        return read_line(self.process, time.monotonic() + REPLY_TIMEOUT_SECONDS, what)
+        return read_line(self.process, time.monotonic() + AGENT_REPLY_TIMEOUT, what)
 
     def next(self) -> dict[str, str]:
         return json.loads(self._line("a datagram at the echo server"))
 
 
-def _build(lab: Lab) -> tuple[Host, Host, Agent, str]:
+def _build(lab: Lab) -> tuple[Host, Host, PythonAgent, str]:
     client, server = lab.add_host("client"), lab.add_host("server")
     lab.link(client, server, [CLIENT_V4, CLIENT_V6], [f"{SERVER_V4}/24", f"{SERVER_V6}/64"])
     server.add_address("lo", f"{INTERNET_V4}/32")
@@ -148,7 +122,7 @@ def _build(lab: Lab) -> tuple[Host, Host, Agent, str]:
     # A new tun's link-local address is then usable at once, and it sends no router solicitations.
     client.set_sysctl("net.ipv6.conf.default.accept_dad", 0)
     client.set_sysctl("net.ipv6.conf.default.router_solicitations", 0)
-    agent = Agent(client)
+    agent = PythonAgent(client, _AGENT)
     name = agent.ok("open", name="tvfull0")["name"]
     # Addressed by the lab, not by the agent's LinkSetup: its undo() then reverts the full tunnel only.
     client.add_address(name, TUN_V4)
@@ -182,7 +156,7 @@ def _udp_fields(packet: bytes) -> tuple[str, str, int, bytes] | None:
             packet[header + 8:header + length])
 
 
-def _read_tun_until(agent: Agent, wanted: Callable[[tuple[str, str, int, bytes]], bool],
+def _read_tun_until(agent: PythonAgent, wanted: Callable[[tuple[str, str, int, bytes]], bool],
                     timeout: float = 5.0) -> tuple[str, str, int, bytes]:
     deadline = time.monotonic() + timeout
     seen: list[str] = []
@@ -195,7 +169,7 @@ def _read_tun_until(agent: Agent, wanted: Callable[[tuple[str, str, int, bytes]]
     raise AssertionError(f"no such packet in the tun within {timeout} s; saw {seen}")
 
 
-def _goes_by_underlay(agent: Agent, server: EchoServer, socket_id: str, address: str, payload: bytes) -> None:
+def _goes_by_underlay(agent: PythonAgent, server: EchoServer, socket_id: str, address: str, payload: bytes) -> None:
     """A datagram from `socket_id` reaches the server namespace, and the echo comes back."""
     agent.ok("udp_send", id=socket_id, address=address, port=server.ports[address], data=payload.hex())
     arrival = server.next()
@@ -205,7 +179,7 @@ def _goes_by_underlay(agent: Agent, server: EchoServer, socket_id: str, address:
     assert echo["source"] == [address, server.ports[address]]
 
 
-def _goes_into_tun(agent: Agent, server: EchoServer, socket_id: str, address: str, payload: bytes,
+def _goes_into_tun(agent: PythonAgent, server: EchoServer, socket_id: str, address: str, payload: bytes,
                    tun_address: str) -> None:
     agent.ok("udp_send", id=socket_id, address=address, port=server.ports[address], data=payload.hex())
     source, destination, port, data = _read_tun_until(agent, lambda fields: fields[3] == payload)

@@ -8,17 +8,15 @@ with one JSON request per line and checks the result with `ip -j` and real traff
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from netlab import Host, Lab, python_env, read_line
+from netlab import Host, Lab, PythonAgent
 
 _AGENT = r"""
 import fcntl, ipaddress, json, os, select, socket, sys
@@ -92,37 +90,17 @@ for line in sys.stdin:
     print(json.dumps(reply), flush=True)
 """
 
-_REPLY_TIMEOUT_SECONDS = 10.0
-
 # Drops CAP_NET_ADMIN (TUNSETIFF and rtnetlink changes need it) and the DAC overrides, so a
 # root process is refused like an unprivileged daemon would be.
 _UNPRIVILEGED = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all",
                  "--bounding-set=-net_admin,-dac_override,-dac_read_search", "--"]
 
 
-class TunAgent:
-    """The agent process in one namespace; `call` returns its reply, `ok` insists on success."""
+class TunAgent(PythonAgent):
+    """The tun/netlink agent in one namespace; `error` insists on a one-line TunError/NetlinkError."""
 
     def __init__(self, host: Host, wrapper: Sequence[str] = ()) -> None:
-        self.process = host.popen([*wrapper, sys.executable, "-c", _AGENT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env())
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"op": op, **args}).encode() + b"\n")
-        self.process.stdin.flush()
-        try:
-            line = read_line(self.process, time.monotonic() + _REPLY_TIMEOUT_SECONDS, f"the agent's reply to {op}")
-            return json.loads(line)
-        except Exception as exc:
-            self.process.kill()
-            _, err = self.process.communicate(timeout=5)
-            raise AssertionError(f"agent failed on {op}: {exc}\n{err.decode(errors='replace')}") from exc
-
-    def ok(self, op: str, **args: Any) -> dict[str, Any]:
-        reply = self.call(op, **args)
-        assert "error" not in reply, reply
-        return reply
+        super().__init__(host, _AGENT, wrapper)
 
     def error(self, op: str, **args: Any) -> str:
         """The one-line message of the TunError/NetlinkError the request must raise."""

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from corepair import A_ADDR, B_ADDR, WALL_EPOCH, CorePair, Datagram, private_key
-from tunvpn.protocol import noise
 from tunvpn.protocol.cookie import CookieJar
 from tunvpn.protocol.crypto import StaticKey
 from tunvpn.protocol.messages import INITIATION_SIZE, RESPONSE_SIZE, Initiation, Response

@@ -17,7 +17,6 @@ addresses ((host, port) tuples); the device only compares and returns them.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import os
 from collections import Counter, deque
 from dataclasses import dataclass
