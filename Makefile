@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 APT_PACKAGES := python3 python3-venv python3-pip python3-cryptography python3-pyroute2 python3-pytest \
 	wireguard-go wireguard-tools iproute2 iputils-ping nftables procps
 
-.PHONY: test unit demo deps venv check-root clean
+.PHONY: test unit demo bench deps venv check-root clean
 
 test: check-root deps venv
 	tools/run-pytest $(VENV)/bin/python $(PYTEST_ARGS)
@@ -21,6 +21,11 @@ test: check-root deps venv
 # An office VPN in network namespaces: server, LAN host, two clients; cleaned up at the end.
 demo: check-root deps
 	$(DEBIAN_PYTHON) tools/demo
+
+# TCP throughput and ping through raw veth, wireguard-go and tunvpn (venv and Debian python), side by side.
+bench: check-root deps venv
+	tools/ensure-deps iperf3
+	$(DEBIAN_PYTHON) benchmarks/throughput.py --json build/bench.json
 
 # The tests that need no root, under the venv only: the quick loop while coding.
 unit: venv

@@ -47,6 +47,9 @@ class Tunvpn:
             file.write(text)
 
     def _remove_files(self) -> None:
+        """Lab cleanup: stop the daemon first, or its exit (a state save) recreates the files."""
+        if self.process is not None and self.process.poll() is None:
+            stop_process(self.process)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     @property

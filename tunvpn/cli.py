@@ -40,7 +40,7 @@ def _pubkey(args: argparse.Namespace) -> int:
 def _run_daemon(args: argparse.Namespace) -> int:
     # Imported here so that key commands work without pyroute2 installed.
     from .config import ConfigError, load_config
-    from .daemon import Options, StartupError
+    from .daemon import Options
     from .io.controlsocket import ControlSocketError
     from .io.netlink import NetlinkError
     from .io.tun import TunError
@@ -61,7 +61,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         from .client import Client as role
     try:
         return role(config, options).run()
-    except (StartupError, TunError, NetlinkError, UdpError, ControlSocketError) as exc:
+    except (TunError, NetlinkError, UdpError, ControlSocketError) as exc:
         logging.getLogger("tunvpn").error("%s", exc)
         return 1
 

@@ -47,6 +47,7 @@ class Client(Daemon):
         self._applied_routes: list[IPNetwork] = []
         self._full_tunnel = False
         self.dns: DnsManager | None = None
+        self._dns_applied: tuple[list[str], list[str]] | None = None
         for peer in config.peers:
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address, **self.peer_device_settings(peer))
 
@@ -100,9 +101,7 @@ class Client(Daemon):
         peer = self.device.peers.get(self.server.public_key)
         if peer is not None and peer.keypairs.current is not None and self.mode == "pushed":
             self.device.send_to_peer(self.server.public_key, [control.encode(control.Goodbye("client stopping"))], now)
-        if self.dns is not None:
-            self.dns.revert()
-            self.dns = None
+        self._revert_dns()
 
     def status_extra(self) -> dict:
         pushed = None
@@ -112,6 +111,7 @@ class Client(Daemon):
                 "addresses": [str(a) for a in self.pushed.addresses],
                 "routes": [str(n) for n in self.pushed.routes],
                 "dns": [str(d) for d in self.pushed.dns],
+                "search": list(self.pushed.search),
                 "mtu": self.pushed.mtu,
                 "keepalive": self.pushed.keepalive,
             }
@@ -181,34 +181,47 @@ class Client(Daemon):
     # --- applying a push --------------------------------------------------------------------------
 
     def _apply_push(self, push: control.ConfigPush) -> None:
+        """Apply a push, or the difference to the last one: what it no longer has is taken back."""
         self.mode = "pushed"
         if self.pushed is not None and _same_push(push, self.pushed):
             return
         first = self.pushed is None
         self.pushed = push
         interface = self.config.interface
-        configured_families = {a.version for a in interface.addresses}
-        for address in push.addresses:
-            if address.version not in configured_families and address not in self._applied_addresses:
+        local_families = {a.version for a in interface.addresses}
+        wanted = [a for a in push.addresses if a.version not in local_families]
+        for address in self._applied_addresses:
+            if address not in wanted:
+                self.link.remove_address(address)
+        for address in wanted:
+            if address not in self._applied_addresses:
                 self.link.add_address(address)
-                self._applied_addresses.append(address)
+        self._applied_addresses = wanted
         if push.mtu and not interface.mtu_configured and push.mtu != self.device.mtu:
             self.link.set_mtu(push.mtu)
             self.device.mtu = push.mtu
-        new_routes = [net for net in push.routes if net not in self._applied_routes]
-        self._applied_routes += new_routes
-        keepalive = self.server.persistent_keepalive or (push.keepalive or 0)
-        self.device.set_peer(self.server.public_key, preshared_key=self.server.preshared_key,
-                             allowed_ips=[*self.server.allowed_ips, *self._applied_routes],
-                             persistent_keepalive=keepalive)
+        old_routes, self._applied_routes = self._applied_routes, list(push.routes)
+        self._install_server_peer()
+        local_routes = {net for peer in self.config.peers for net in peer.allowed_ips}
+        for network in old_routes:
+            if network not in push.routes and network not in local_routes:
+                self.link.remove_route(network)
+        new_routes = [net for net in push.routes if net not in old_routes]
         self.routes_for(new_routes)
         self._maybe_full_tunnel(new_routes)
-        if not (interface.dns or interface.dns_search) and (push.dns or push.search) and self.dns is None:
+        if not (interface.dns or interface.dns_search):
             self._apply_dns(push.dns, push.search)
         log.info("%s config from the server: addresses %s, routes %s, dns %s, mtu %s, keepalive %s",
                  "applied" if first else "updated",
                  ", ".join(map(str, push.addresses)) or "none", ", ".join(map(str, push.routes)) or "none",
-                 ", ".join(map(str, push.dns)) or "none", push.mtu, push.keepalive)
+                 ", ".join(map(str, [*push.dns, *push.search])) or "none", push.mtu, push.keepalive)
+
+    def _install_server_peer(self) -> None:
+        """The server peer as configured, plus the pushed routes and keepalive where the config is silent."""
+        keepalive = self.server.persistent_keepalive or (self.pushed.keepalive or 0 if self.pushed else 0)
+        self.device.set_peer(self.server.public_key, preshared_key=self.server.preshared_key,
+                             allowed_ips=[*self.server.allowed_ips, *self._applied_routes],
+                             endpoint=self.server.endpoint_address, persistent_keepalive=keepalive)
 
     def _maybe_full_tunnel(self, networks: list[IPNetwork]) -> None:
         families = sorted({net.version for net in networks if net.prefixlen == 0})
@@ -222,12 +235,26 @@ class Client(Daemon):
                  "s" if len(families) > 1 else "", self.tun.name, FULL_TUNNEL_MARK)
 
     def _apply_dns(self, servers: list, search: list[str]) -> None:
+        """Apply DNS settings (replacing ones we applied before); reverted on any exit."""
+        wanted = ([str(server) for server in servers], list(search))
+        if wanted == self._dns_applied:
+            return
+        self._revert_dns()
+        if not any(wanted):
+            return
+        if self.dns is None:
+            self.cleanup.callback(self._revert_dns)
         self.dns = DnsManager(self.tun.name)
         try:
-            log.info("dns: %s", self.dns.apply([str(s) for s in servers], list(search), exclusive=self._full_tunnel))
+            log.info("dns: %s", self.dns.apply(*wanted, exclusive=self._full_tunnel))
+            self._dns_applied = wanted
         except DnsError as exc:
-            log.warning("dns: could not apply %s: %s", ", ".join(map(str, servers)), exc)
-            self.dns = None
+            log.warning("dns: could not apply %s: %s", ", ".join(wanted[0] + wanted[1]), exc)
+
+    def _revert_dns(self) -> None:
+        if self.dns is not None and self._dns_applied is not None:
+            self.dns.revert()
+        self._dns_applied = None
 
     # --- reconnecting ----------------------------------------------------------------------------
 
@@ -277,9 +304,10 @@ class Client(Daemon):
         for public_key in removed:
             self.device.remove_peer(public_key)
         for peer in [*added, *changed]:
-            extra = self._applied_routes if peer.public_key == self.server.public_key else []
-            self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address,
-                                 **self.peer_device_settings(peer, extra))
+            if peer.public_key == self.server.public_key:
+                self._install_server_peer()
+            else:
+                self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address, **self.peer_device_settings(peer))
         self.routes_for([net for peer in added for net in peer.allowed_ips])
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
                  len(changed))

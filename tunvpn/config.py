@@ -718,11 +718,11 @@ def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
     values["pools"] = _build_pools(section, ctx)
     for attr in ("push_routes", "push_dns", "dns"):
         _check_unique(section, attr, ctx)
-    # The pool subnets travel as routes too, so they count against the push's route limit.
-    pool_count = len(values["pools"])
-    _check_count(section, "push_routes", object, MAX_ROUTES - pool_count,
-                 f"PushRoute networks; a config push carries {MAX_ROUTES} routes and the pool subnets "
-                 f"take {pool_count}", ctx)
+    # The server's own subnets travel as routes too, so they count against the push's route limit.
+    subnet_count = len(server_subnets(values["addresses"])) if ctx.role == "server" else 0
+    _check_count(section, "push_routes", object, MAX_ROUTES - subnet_count,
+                 f"PushRoute networks; a config push carries {MAX_ROUTES} routes and the server's Address "
+                 f"subnets take {subnet_count}", ctx)
     _check_count(section, "push_dns", (ipaddress.IPv4Address, ipaddress.IPv6Address), MAX_DNS_SERVERS,
                  "PushDNS servers; a config push carries that many", ctx)
     _check_count(section, "push_dns", str, MAX_SEARCH_DOMAINS,
@@ -736,14 +736,19 @@ def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
     return interface
 
 
+def server_subnets(addresses: list[IPInterface]) -> list[IPNetwork]:
+    """The networks of the server's Addresses, once each: pushed to clients as routes."""
+    return list(dict.fromkeys(address.network for address in addresses))
+
+
 def _check_push_fits(interface: InterfaceConfig, section: _Section, ctx: _Context) -> None:
     """The largest CONFIG_PUSH this server can send must fit in one control message.
 
-    Built up in file order from what every push carries (one address and one subnet route per
-    pool, MTU, keepalive), so the error names the line that makes it overflow.
+    Built up in file order from what every push carries (one address per pool, a route per
+    Address subnet, MTU, keepalive), so the error names the line that makes it overflow.
     """
     pool_subnets = [interface.pool_subnet(version) for version in sorted(interface.pools)]
-    push = ConfigPush(0, addresses=list(pool_subnets), routes=[address.network for address in pool_subnets],
+    push = ConfigPush(0, addresses=list(pool_subnets), routes=server_subnets(interface.addresses),
                       mtu=interface.mtu, keepalive=interface.push_keepalive)
     destinations = {"push_routes": push.routes, "push_dns": push.dns}
     added = sorted(((item, entry, attr) for attr in destinations for item, entry in _items(section, attr)),
@@ -879,6 +884,8 @@ def _parse(text: str, path: str, role: str, resolve: bool, config_exposure: str 
     interface = _build_interface(interface_section, ctx)
     peer_sections = [section for section in sections if section.spec is PEER]
     peers = [(_build_peer(section, ctx), section) for section in peer_sections]
+    if role == "client" and not peers:
+        raise ConfigError(path, 0, None, "no [Peer] section: a client needs its server as its first [Peer]")
     _check_peer_keys(interface, peers, ctx)
     _check_overlaps(peer_sections, ctx)
     if role == "server":

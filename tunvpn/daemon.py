@@ -7,6 +7,7 @@ records (LinkSetup's undo stack) and removes exactly that on exit.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -33,15 +34,12 @@ from .protocol.device import (
     HandshakeGaveUp,
     KeysExpired,
 )
+from .protocol.timers import REKEY_ATTEMPT_TIME
 from .show import DEFAULT_RUN_DIR
 
 log = logging.getLogger("tunvpn")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class StartupError(Exception):
-    """The daemon could not come up; the message says what and why, in one line."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +144,7 @@ class Daemon:
         """Bring the daemon up, run until SIGTERM/SIGINT, take down what we set up."""
         interface = self.config.interface
         with ExitStack() as cleanup:
+            self.cleanup = cleanup  # roles register their own undo steps (e.g. DNS) here
             self.udp = UdpTransport(interface.listen_port)
             cleanup.callback(self.udp.close)
             self.tun = TunDevice(interface.device)
@@ -162,6 +161,7 @@ class Daemon:
             self.loop.signal_handlers[signal.SIGHUP] = self.reload
             self.loop.signal_handlers[signal.SIGUSR2] = self.log_statistics
             cleanup.callback(self.loop.close)
+            self.loop.install_signals()  # before READY=1: a signal from then on is handled, not fatal
             log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s)",
                      self.role, self.config.name, self.tun.name, self.udp.port,
                      encode_key(self.device.public_key), len(self.device.peers))
@@ -198,11 +198,13 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         unchangeable = [
-            name for name in ("private_key", "listen_port", "device")
+            name for name in ("private_key", "listen_port", "device", "addresses", "mtu", "dns", "dns_search")
             if getattr(new.interface, name) != getattr(self.config.interface, name)
         ]
         if unchangeable:
-            log.warning("reload: %s changed; that needs a restart and is ignored now", ", ".join(unchangeable))
+            log.warning("reload: %s changed; that needs a restart, the running values stay", ", ".join(unchangeable))
+            kept = {name: getattr(self.config.interface, name) for name in unchangeable}
+            new = dataclasses.replace(new, interface=dataclasses.replace(new.interface, **kept))
         self.apply_reload(new, time.monotonic())
         self.loop.flush()
         self.notifier.status(self.summary())
@@ -253,7 +255,8 @@ class Daemon:
             "listen_port": self.udp.port,
             "addresses": [str(a) for a in self.current_addresses()],
             "mtu": self.device.mtu,
-            "dropped": dict(self.device.dropped) | {f"udp_{k}": v for k, v in self.udp.errors.items()},
+            "dropped": dict(self.device.dropped) | {f"udp_{k}": v for k, v in self.udp.errors.items()}
+            | ({"tun_write_errors": self.tun.write_errors} if self.tun.write_errors else {}),
             **self.status_extra(),
             "peers": peers,
         }
@@ -268,7 +271,7 @@ class Daemon:
         elif isinstance(event, EndpointChanged):
             log.info("peer %s: endpoint is now %s", key, format_endpoint(event.endpoint))
         elif isinstance(event, HandshakeGaveUp):
-            log.warning("peer %s: handshake did not complete after %d s", key, 90)
+            log.warning("peer %s: handshake did not complete after %d s", key, REKEY_ATTEMPT_TIME)
         elif isinstance(event, KeysExpired):
             log.info("peer %s: session keys expired and dropped", key)
         elif isinstance(event, CookieReceived):

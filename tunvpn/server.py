@@ -6,7 +6,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from .config import Config
+from .config import Config, server_subnets
 from .daemon import Daemon, IPNetwork, Options, short_key
 from .pool import AddressPool, Lease, PoolExhausted
 from .protocol import control
@@ -15,7 +15,6 @@ from .state import StateStore, endpoint_from_text, endpoint_to_text
 
 log = logging.getLogger("tunvpn")
 
-DEFAULT_STATE_ROOT = Path("/var/lib/tunvpn")
 STATE_SAVE_DELAY = 1.0  # endpoints change in bursts when clients roam: save at most this often
 REQUESTS_PER_PEER_INTERVAL = 0.2  # a peer asking more often than this is ignored (and counted)
 
@@ -37,22 +36,29 @@ class Server(Daemon):
 
     @property
     def state_directory(self) -> Path:
-        configured = self.config.interface.state_directory
-        return self.options.state_dir or (Path(configured) if configured else DEFAULT_STATE_ROOT / self.config.name)
+        return self.options.state_dir or Path(self.config.interface.state_directory)
 
     # --- addresses ----------------------------------------------------------------------
 
     def _build_pool(self, config: Config, leases: dict[bytes, Lease]) -> AddressPool:
-        """A pool for `config` that keeps every still-valid lease, and frees leases made useless
-        by a fixed address, so a peer never holds two addresses of one family."""
+        """A pool for `config` that keeps every still-valid lease, minus the families a peer now
+        has a fixed address for, so a peer never holds two addresses of one family."""
         reserved = [net for peer in config.peers for net in peer.allowed_ips]
         pool = AddressPool(config.interface.addresses, config.interface.pools, reserved)
-        for warning in pool.restore(leases):
-            log.warning("leases: %s", warning)
+        kept = dict(leases)
         for peer in config.peers:
             fixed = pool.fixed_lease(peer.allowed_ips)
-            if fixed is not None and not self._pool_families(pool, fixed):
-                pool.release(peer.public_key)
+            lease = kept.get(peer.public_key)
+            if fixed is None or lease is None:
+                continue
+            for address in fixed.addresses:
+                lease = lease.with_address(address.version, None)
+            if lease.addresses:
+                kept[peer.public_key] = lease
+            else:
+                del kept[peer.public_key]
+        for warning in pool.restore(kept):
+            log.warning("leases: %s", warning)
         if pool.leases() != leases:
             self.state.leases = pool.leases()
             self._schedule_save(0.0)
@@ -80,8 +86,32 @@ class Server(Daemon):
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address if endpoints else None,
                                  **self.peer_device_settings(peer, leased))
 
+    def _lease(self, public_key: bytes, families: list[int]) -> Lease:
+        """Lease from the pool; when it is full, take back the lease of a peer no longer configured.
+
+        Leases of removed peers are kept (a peer added back gets its old address) until the
+        pool needs them: then the oldest goes first.
+        """
+        configured = {peer.public_key for peer in self.config.peers}
+        while True:
+            try:
+                return self.pool.lease(public_key, families)
+            except PoolExhausted:
+                stale = next((key for key in self.pool.leases() if key not in configured), None)
+                if stale is None:
+                    raise
+                self.pool.release(stale)
+                self.state.endpoints.pop(stale, None)
+                log.info("reclaimed the address of removed peer %s", short_key(stale))
+
     def _subnets(self) -> list[IPNetwork]:
-        return [address.network for address in self.config.interface.addresses]
+        return server_subnets(self.config.interface.addresses)
+
+    def _routed_outside_subnets(self, peers) -> list[IPNetwork]:
+        """Peer networks the tun's own addresses do not cover (e.g. a site behind a peer)."""
+        subnets = self._subnets()
+        return [net for peer in peers for net in peer.allowed_ips
+                if not any(net.version == s.version and net.subnet_of(s) for s in subnets)]
 
     def _config_peer(self, public_key: bytes):
         return next(peer for peer in self.config.peers if peer.public_key == public_key)
@@ -93,7 +123,7 @@ class Server(Daemon):
         families = self._pool_families(self.pool, fixed)
         if families:
             before = self.pool.leases().get(public_key)
-            lease = self.pool.lease(public_key, families)  # may raise PoolExhausted
+            lease = self._lease(public_key, families)
             if lease != before:
                 self.state.leases = self.pool.leases()
                 self._schedule_save(0.0)
@@ -114,9 +144,7 @@ class Server(Daemon):
         self.link.set_mtu(interface.mtu)
         for address in interface.addresses:
             self.link.add_address(address)
-        subnets = self._subnets()
-        self.routes_for([net for peer in self.config.peers for net in peer.allowed_ips
-                         if not any(net.version == s.version and net.subnet_of(s) for s in subnets)])
+        self.routes_for(self._routed_outside_subnets(self.config.peers))
 
     def started(self, now: float) -> None:
         """Initiate to every client's last endpoint, so clients recover at once after a restart."""
@@ -233,6 +261,7 @@ class Server(Daemon):
     def apply_reload(self, new: Config, now: float) -> None:
         added, removed, changed = self.diff_peers(new)
         old_push = _push_settings(self.config)
+        old_routes = self._routed_outside_subnets(self.config.peers)
         self.config = new
         self.pool = self._build_pool(new, self.pool.leases())
         self.device.forward_between_peers = bool(new.interface.client_to_client)
@@ -242,6 +271,11 @@ class Server(Daemon):
             self._last_request.pop(public_key, None)
         # Every peer again: a lease moved by the new pool must reach cryptokey routing too.
         self._sync_peers(new.peers, endpoints=True)
+        new_routes = self._routed_outside_subnets(new.peers)
+        for network in old_routes:
+            if network not in new_routes:
+                self.link.remove_route(network)
+        self.routes_for([net for net in new_routes if net not in old_routes])
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
                  len(changed))
         if _push_settings(new) != old_push:

@@ -175,7 +175,9 @@ def test_crlf_line_endings_and_byte_order_mark(tmp_path: Path, keys: Keys) -> No
 def test_defaults_per_role(tmp_path: Path, keys: Keys) -> None:
     text = conf("[Interface]", "PrivateKey = {priv}").format(**keys.placeholders())
     server = parse_config(text, str(tmp_path / "office.conf"), role="server")
-    client = parse_config(text, str(tmp_path / "office.conf"), role="client")
+    with_server = conf("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}",
+                       "Endpoint = 192.0.2.1:51820").format(**keys.placeholders())
+    client = parse_config(with_server, str(tmp_path / "office.conf"), role="client")
 
     assert (server.interface.listen_port, client.interface.listen_port) == (51820, None)
     assert server.interface.mtu == client.interface.mtu == 1420
@@ -192,7 +194,8 @@ def test_default_device_is_cut_to_fifteen_characters(tmp_path: Path, keys: Keys)
 
 def test_explicit_values_override_defaults(tmp_path: Path, keys: Keys) -> None:
     text = conf("[Interface]", "PrivateKey = {priv}", "ListenPort = 1194", "MTU = 1280",
-                "Device = vpn0", "Address = 2001:db8:100::1").format(**keys.placeholders())
+                "Device = vpn0", "Address = 2001:db8:100::1",
+                "[Peer]", "PublicKey = {pub1}", "Endpoint = 192.0.2.1:51820").format(**keys.placeholders())
     interface = parse_config(text, str(tmp_path / "wg0.conf"), role="client").interface
     assert (interface.listen_port, interface.mtu, interface.device) == (1194, 1280, "vpn0")
     assert interface.addresses == [ipaddress.ip_interface("2001:db8:100::1/128")]
@@ -448,7 +451,7 @@ def test_push_dns_at_the_limits(tmp_path: Path, keys: Keys) -> None:
 
 
 def test_push_routes_at_the_limit(tmp_path: Path, keys: Keys) -> None:
-    """64 routes per push: with two pool subnets, 62 are left for PushRoute."""
+    """64 routes per push: with two Address subnets, 62 are left for PushRoute."""
     routes = ", ".join(f"198.51.100.{4 * n}/30" for n in range(62))
     text = conf(*INTERFACE, "Address = 203.0.113.1/24, 2001:db8:100::1/64", f"PushRoute = {routes}")
     assert len(parse_config(text.format(**keys.placeholders()), str(tmp_path / "wg0.conf"),
@@ -457,7 +460,7 @@ def test_push_routes_at_the_limit(tmp_path: Path, keys: Keys) -> None:
         parse_config((text + "PushRoute = 198.51.101.0/24\n").format(**keys.placeholders()),
                      str(tmp_path / "wg0.conf"), role="server")
     assert (caught.value.line, caught.value.reason) == (
-        5, "more than 62 PushRoute networks; a config push carries 64 routes and the pool subnets take 2")
+        5, "more than 62 PushRoute networks; a config push carries 64 routes and the server's Address subnets take 2")
 
 
 def test_the_largest_push_that_fits(tmp_path: Path, keys: Keys) -> None:
@@ -590,6 +593,8 @@ BROKEN = [
            "Endpoint", "vpn..example.com:51820: 'vpn..example.com' is neither an IPv4 address nor a DNS name"),
     broken("endpoint-empty", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint ="), 5,
            "Endpoint", "empty; expected host:port"),
+    broken("client-without-peer", INTERFACE + ("Address = 203.0.113.9/24",), 0, None,
+           "no [Peer] section: a client needs its server as its first [Peer]", role="client"),
     broken("client-peer-without-endpoint", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 0.0.0.0/0"), 3,
            "Endpoint", "missing; a client initiates, so every [Peer] needs one", role="client"),
     broken("mtu-too-small", INTERFACE + ("MTU = 575",), 3, "MTU", "'575' is not a number in 576-65535"),
@@ -741,7 +746,7 @@ BROKEN = [
     broken("push-route-too-many", SERVER_V4 + (
         "PushRoute = " + ", ".join(f"198.51.100.{4 * n}/30" for n in range(32)),
         "PushRoute = " + ", ".join(f"2001:db8:50:{n:x}::/64" for n in range(32))), 5, "PushRoute",
-        "more than 63 PushRoute networks; a config push carries 64 routes and the pool subnets take 1"),
+        "more than 63 PushRoute networks; a config push carries 64 routes and the server's Address subnets take 1"),
     broken("push-routes-overflow-the-push-message", INTERFACE + ("Address = 203.0.113.1/24, 2001:db8:100::1/64",) + tuple(
         f"PushRoute = 2001:db8:50:{n:x}::/64" for n in range(51)), 54, "PushRoute",
         # 7 + 19 (addresses) + 7 + 19 (subnet routes) + 4 (MTU) + 4 (keepalive) + 51 * 19 (routes)

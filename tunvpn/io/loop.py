@@ -60,11 +60,16 @@ class EventLoop:
         self._selector = selectors.DefaultSelector()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pending_signals: list[int] = []
+        self._signals_installed = False
         self.signal_handlers: dict[int, Callable[[], None]] = {}
 
     # --- signals -------------------------------------------------------------
 
-    def _install_signals(self) -> None:
+    def install_signals(self) -> None:
+        """Catch the signals now; they are handled once `run` is looping (idempotent)."""
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, *self.signal_handlers):
             signal.signal(signum, self._note_signal)
@@ -90,7 +95,7 @@ class EventLoop:
     def run(self) -> None:
         """Run until SIGTERM or SIGINT."""
         device = self.device
-        self._install_signals()
+        self.install_signals()
         selector = self._selector
         selector.register(self.tun.fileno(), selectors.EVENT_READ, _TUN)
         for sock in self.udp.sockets:

@@ -69,6 +69,7 @@ class _Undo:
     description: str
     revert: Callable[[], Any]
     gone_codes: frozenset[int]
+    key: tuple = ()  # what remove_address/remove_route look it up by
 
 
 class LinkSetup:
@@ -127,7 +128,7 @@ class LinkSetup:
                 return
             raise NetlinkError(f"cannot add address {iface} to {self.ifname}: {_describe(exc)}") from exc
         self._undo_stack.append(_Undo(f"remove address {iface} from {self.ifname}",
-                                      lambda: ipr.addr("del", **fields), _ADDRESS_GONE))
+                                      lambda: ipr.addr("del", **fields), _ADDRESS_GONE, ("address", iface)))
 
     def add_route(self, network: IPNetwork, metric: int | None = None) -> None:
         """Route `network` into the device (main table).
@@ -147,7 +148,7 @@ class LinkSetup:
         # Delete with the very same fields: IPv4 matches the scope too, and a mismatch would
         # look like "already gone" (ESRCH) and leave the route behind.
         self._undo_stack.append(_Undo(f"remove route {network} via {self.ifname}",
-                                      lambda: ipr.route("del", **fields), _ROUTE_GONE))
+                                      lambda: ipr.route("del", **fields), _ROUTE_GONE, ("route", network)))
 
     def _has_route(self, network: IPNetwork, metric: int | None) -> bool:
         """Whether the main table already routes exactly `network` into this device."""
@@ -252,6 +253,26 @@ class LinkSetup:
         """
         if not any(rule.get_attr("FRA_FWMARK") for rule in self._netlink().get_rules(family=socket.AF_INET)):
             SRC_VALID_MARK.write_text(previous)
+
+    def remove_address(self, iface: IPInterface) -> bool:
+        """Take back an address this object added (False if it did not add it)."""
+        return self._revert_now(("address", iface))
+
+    def remove_route(self, network: IPNetwork) -> bool:
+        """Take back a route this object added (False if it did not add it)."""
+        return self._revert_now(("route", network))
+
+    def _revert_now(self, key: tuple) -> bool:
+        for position, change in enumerate(self._undo_stack):
+            if change.key == key:
+                del self._undo_stack[position]
+                try:
+                    change.revert()
+                except (_PyrouteNetlinkError, OSError) as exc:
+                    if _error_code(exc) not in change.gone_codes:
+                        raise NetlinkError(f"cannot {change.description}: {_describe(exc)}") from exc
+                return True
+        return False
 
     def undo(self) -> None:
         """Remove what this object added, newest first.

@@ -89,7 +89,13 @@ class UdpTransport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
     def receive_batch(self, sock: socket.socket, max_datagrams: int = 128) -> list[tuple[bytes, tuple]]:
-        """Drain one socket until it would block (or `max_datagrams`, to stay fair to the tun)."""
+        """Drain one socket until it would block (or `max_datagrams`, to stay fair to the tun).
+
+        recvfrom allocates each datagram at its exact size.  Receiving into slots of one
+        preallocated buffer and handing the core views was measured no faster here (~5 us per
+        datagram either way, decrypt included), and Debian bookworm's cryptography 38 only
+        decrypts bytes, so the plain call stays.
+        """
         batch = []
         recvfrom = sock.recvfrom
         for _ in range(max_datagrams):
