@@ -69,10 +69,10 @@ class Server(Daemon):
         """The families a peer takes from the pool: those without a fixed address."""
         return [version for version in pool.subnets if fixed is None or fixed.get(version) is None]
 
-    def _peer_addresses(self, public_key: bytes, allowed_ips) -> list:
+    def _peer_addresses(self, public_key: bytes, allowed_ips, leases: dict[bytes, Lease] | None = None) -> list:
         """A peer's tunnel addresses: fixed ones from its AllowedIPs, the rest from its lease."""
         fixed = self.pool.fixed_lease(allowed_ips)
-        lease = self.pool.leases().get(public_key)
+        lease = (self.pool.leases() if leases is None else leases).get(public_key)
         addresses = list(fixed.addresses) if fixed is not None else []
         if lease is not None:
             addresses += [lease.get(v) for v in self._pool_families(self.pool, fixed) if lease.get(v) is not None]
@@ -80,9 +80,10 @@ class Server(Daemon):
 
     def _sync_peers(self, peers, endpoints: bool) -> None:
         """Install peers in the device with their config plus their leased addresses; sessions survive."""
+        leases = self.pool.leases()
         for peer in peers:
-            leased = [ipaddress.ip_network(a.ip) for a in self._peer_addresses(peer.public_key, peer.allowed_ips)
-                      if ipaddress.ip_network(a.ip) not in peer.allowed_ips]
+            addresses = self._peer_addresses(peer.public_key, peer.allowed_ips, leases)
+            leased = [ipaddress.ip_network(a.ip) for a in addresses if ipaddress.ip_network(a.ip) not in peer.allowed_ips]
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address if endpoints else None,
                                  **self.peer_device_settings(peer, leased))
 
@@ -90,7 +91,7 @@ class Server(Daemon):
         """Lease from the pool; when it is full, take back the lease of a peer no longer configured.
 
         Leases of removed peers are kept (a peer added back gets its old address) until the
-        pool needs them: then the oldest goes first.
+        pool needs them: then they go one at a time, in the pool's order.
         """
         configured = {peer.public_key for peer in self.config.peers}
         while True:
