@@ -45,7 +45,7 @@ class Client(Daemon):
         self._backoff_step = 0
         self._applied_addresses: list = []
         self._applied_routes: list[IPNetwork] = []
-        self._full_tunnel = False
+        self._full_tunnel: set[int] = set()  # IP versions whose default route goes into the tunnel
         self.dns: DnsManager | None = None
         self._dns_applied: tuple[list[str], list[str]] | None = None
         for peer in config.peers:
@@ -162,6 +162,9 @@ class Client(Daemon):
             log.warning("server sent a malformed control message: %s", exc)
             return
         if isinstance(message, control.ConfigPush):
+            if message.request_id not in (0, self._request_id):
+                peer.dropped["stale_config_push"] += 1  # a late answer to an older request
+                return
             self._next_request = None
             self._apply_push(message)
         elif isinstance(message, control.ConfigRefused):
@@ -224,15 +227,16 @@ class Client(Daemon):
                              endpoint=self.server.endpoint_address, persistent_keepalive=keepalive)
 
     def _maybe_full_tunnel(self, networks: list[IPNetwork]) -> None:
-        families = sorted({net.version for net in networks if net.prefixlen == 0})
-        if not families or self._full_tunnel:
+        """A /0 among the networks: route that whole family into the tunnel (once per family)."""
+        families = sorted({net.version for net in networks if net.prefixlen == 0} - self._full_tunnel)
+        if not families:
             return
         self.udp.set_fwmark(FULL_TUNNEL_MARK)
         for family in families:
             self.link.add_full_tunnel(family, table=FULL_TUNNEL_MARK, fwmark=FULL_TUNNEL_MARK)
-        self._full_tunnel = True
-        log.info("full tunnel: default route%s through %s, UDP to the server marked %d",
-                 "s" if len(families) > 1 else "", self.tun.name, FULL_TUNNEL_MARK)
+            self._full_tunnel.add(family)
+        log.info("full tunnel: IPv%s default route through %s, UDP to the server marked %d",
+                 " and IPv".join(map(str, families)), self.tun.name, FULL_TUNNEL_MARK)
 
     def _apply_dns(self, servers: list, search: list[str]) -> None:
         """Apply DNS settings (replacing ones we applied before); reverted on any exit."""
@@ -246,7 +250,7 @@ class Client(Daemon):
             self.cleanup.callback(self._revert_dns)
         self.dns = DnsManager(self.tun.name)
         try:
-            log.info("dns: %s", self.dns.apply(*wanted, exclusive=self._full_tunnel))
+            log.info("dns: %s", self.dns.apply(*wanted, exclusive=bool(self._full_tunnel)))
             self._dns_applied = wanted
         except DnsError as exc:
             log.warning("dns: could not apply %s: %s", ", ".join(wanted[0] + wanted[1]), exc)

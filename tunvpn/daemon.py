@@ -152,8 +152,6 @@ class Daemon:
             self.link = LinkSetup(self.tun.name)
             cleanup.callback(self.link.close)
             cleanup.callback(self.link.undo)
-            self.link.set_up()  # routes need the link up
-            self.configure_link()
             control = ControlServer(str(self.control_socket_path), self.handle_request)
             cleanup.callback(control.close)
             self.loop = EventLoop(self.device, self.tun, self.udp, on_event=self._on_event,
@@ -161,7 +159,11 @@ class Daemon:
             self.loop.signal_handlers[signal.SIGHUP] = self.reload
             self.loop.signal_handlers[signal.SIGUSR2] = self.log_statistics
             cleanup.callback(self.loop.close)
-            self.loop.install_signals()  # before READY=1: a signal from then on is handled, not fatal
+            # Catch signals before changing the system: one arriving from here on is handled by
+            # the loop (after start-up), never fatal halfway through the set-up.
+            self.loop.install_signals()
+            self.link.set_up()  # routes need the link up
+            self.configure_link()
             log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s)",
                      self.role, self.config.name, self.tun.name, self.udp.port,
                      encode_key(self.device.public_key), len(self.device.peers))
@@ -197,13 +199,17 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        unchangeable = [
-            name for name in ("private_key", "listen_port", "device", "addresses", "mtu", "dns", "dns_search")
-            if getattr(new.interface, name) != getattr(self.config.interface, name)
-        ]
-        if unchangeable:
-            log.warning("reload: %s changed; that needs a restart, the running values stay", ", ".join(unchangeable))
-            kept = {name: getattr(self.config.interface, name) for name in unchangeable}
+        changed = {name: key for name, key in RESTART_SETTINGS.items()
+                   if getattr(new.interface, name) != getattr(self.config.interface, name)}
+        if "addresses" in changed:
+            # The file was checked against its own Address (pool, fixed addresses): applying it
+            # with the running one could contradict those checks, so none of it is applied.
+            log.error("reload refused: Address changed, which needs a restart; keeping the running config")
+            return
+        if changed:
+            log.warning("reload: %s changed; that needs a restart, the running values stay",
+                        ", ".join(sorted(set(changed.values()))))
+            kept = {name: getattr(self.config.interface, name) for name in changed}
             new = dataclasses.replace(new, interface=dataclasses.replace(new.interface, **kept))
         self.apply_reload(new, time.monotonic())
         self.loop.flush()
@@ -287,7 +293,15 @@ class Daemon:
                 short_key(peer.public_key), format_endpoint(peer.endpoint), handshake,
                 peer.rx_bytes, peer.rx_packets, peer.tx_bytes, peer.tx_packets, _counts(peer.dropped),
             )
-        log.info("device: dropped %s; udp errors %s", _counts(self.device.dropped), _counts(self.udp.errors))
+        log.info("device: dropped %s; udp errors %s; tun write errors %d", _counts(self.device.dropped),
+                 _counts(self.udp.errors), self.tun.write_errors)
+
+
+# Interface settings a running daemon cannot change (attribute -> the config key to name).
+RESTART_SETTINGS = {
+    "private_key": "PrivateKey", "listen_port": "ListenPort", "device": "Device", "addresses": "Address",
+    "mtu": "MTU", "dns": "DNS", "dns_search": "DNS", "state_directory": "StateDirectory",
+}
 
 
 def _peer_settings(peer: PeerConfig) -> tuple:

@@ -98,7 +98,8 @@ class Server(Daemon):
             try:
                 return self.pool.lease(public_key, families)
             except PoolExhausted:
-                stale = next((key for key in self.pool.leases() if key not in configured), None)
+                stale = next((key for key, lease in self.pool.leases().items() if key not in configured
+                              and any(lease.get(version) for version in families)), None)
                 if stale is None:
                     raise
                 self.pool.release(stale)
@@ -251,11 +252,11 @@ class Server(Daemon):
             keepalive=interface.push_keepalive,
         )
 
-    def _push_all(self, now: float) -> None:
-        """Settings changed on reload: push again, unasked, to every tunvpn client."""
-        for public_key in self.tunvpn_peers:
-            if public_key in self.device.peers:
-                self.device.send_to_peer(public_key, [self._encoded_answer(public_key, 0)], now)
+    def _tunvpn_addresses(self) -> dict[bytes, list]:
+        """The current addresses of the clients that speak the control extension."""
+        configured = {peer.public_key: peer for peer in self.config.peers}
+        return {key: self._peer_addresses(key, configured[key].allowed_ips)
+                for key in self.tunvpn_peers if key in configured}
 
     # --- reload ---------------------------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class Server(Daemon):
         added, removed, changed = self.diff_peers(new)
         old_push = _push_settings(self.config)
         old_routes = self._routed_outside_subnets(self.config.peers)
+        old_addresses = self._tunvpn_addresses()
         self.config = new
         self.pool = self._build_pool(new, self.pool.leases())
         self.device.forward_between_peers = bool(new.interface.client_to_client)
@@ -279,15 +281,18 @@ class Server(Daemon):
         self.routes_for([net for net in new_routes if net not in old_routes])
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
                  len(changed))
-        if _push_settings(new) != old_push:
-            self._push_all(now)
+        settings_changed = _push_settings(new) != old_push
+        for public_key, addresses in self._tunvpn_addresses().items():
+            # A changed Pool or a new fixed address moves a client: tell it now, or its
+            # traffic from the old address is dropped until it asks again.
+            if settings_changed or addresses != old_addresses.get(public_key):
+                self.device.send_to_peer(public_key, [self._encoded_answer(public_key, 0)], now)
 
 
 def _push_settings(config: Config) -> tuple:
     interface = config.interface
     return (tuple(interface.push_routes), tuple(interface.push_dns), tuple(interface.push_dns_search),
-            interface.push_keepalive, interface.mtu,
-            tuple(interface.addresses))
+            interface.push_keepalive)
 
 
 def _describe_lease(lease: Lease) -> str:

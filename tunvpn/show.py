@@ -79,6 +79,7 @@ def _pushed_config(pushed: dict | None) -> str:
         f"addresses {_join(pushed.get('addresses', []))}",
         f"routes {_join(pushed.get('routes', []))}",
         f"dns {_join(pushed.get('dns', []))}",
+        *([f"search {_join(pushed['search'])}"] if pushed.get("search") else []),
     ]
     if pushed.get("mtu"):
         details.append(f"mtu {pushed['mtu']}")

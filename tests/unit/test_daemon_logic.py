@@ -12,7 +12,6 @@ import types
 from contextlib import ExitStack
 from pathlib import Path
 
-import pytest
 
 from tunvpn import client as client_module
 from tunvpn.client import Client
@@ -135,11 +134,28 @@ def test_reload_routes_for_added_and_removed_sites_and_repushes_changed_settings
     assert ipaddress.ip_network("198.51.100.128/25") in pushed[0][1].routes
 
 
-def test_reload_keeps_running_address_and_mtu(tmp_path, caplog):
+def test_reload_keeps_the_running_mtu_and_refuses_a_new_address(tmp_path, caplog):
     server = make_server(tmp_path, server_text("a"))
-    reload(server, server_text("a", extra="MTU = 1380"))
+    reload(server, server_text("ab", extra="MTU = 1380"))
     assert server.config.interface.mtu == 1420
-    assert "mtu changed; that needs a restart" in caplog.text
+    assert "MTU changed; that needs a restart" in caplog.text
+    assert PUB["b"] in server.device.peers  # the rest of the file applies
+    reload(server, server_text("abc", address="203.0.113.1/28"))
+    assert "reload refused: Address changed" in caplog.text
+    assert PUB["c"] not in server.device.peers and str(server.config.interface.addresses[0]) == "203.0.113.1/29"
+
+
+def test_a_client_moved_by_a_reload_is_told_at_once(tmp_path):
+    server = make_server(tmp_path, server_text("ab", extra="Pool = 203.0.113.2-203.0.113.3"))
+    ask(server, "a")
+    ask(server, "b", now=1.0)
+    pushed = []
+    server.device.send_to_peer = lambda key, payloads, now: pushed.append((key, control.decode(payloads[0])))
+    moved = server_text("ab", extra="Pool = 203.0.113.2-203.0.113.3").replace(
+        f"PublicKey = {encode_key(PUB['b'])}\n", f"PublicKey = {encode_key(PUB['b'])}\nAllowedIPs = 203.0.113.6/32\n")
+    reload(server, moved)
+    assert [key for key, _ in pushed] == [PUB["b"]]  # a keeps its address: nothing to tell it
+    assert v4(pushed[0][1]) == "203.0.113.6" and pushed[0][1].request_id == 0
 
 
 # --- client -------------------------------------------------------------------------------------
@@ -188,6 +204,24 @@ def test_a_changed_push_takes_back_what_it_no_longer_has(monkeypatch):
     assert client.dns_calls == [("apply", ("198.51.100.53",), ()), ("revert",), ("apply", ("198.51.100.54",), ())]
     allowed = {str(n) for n in client.device.allowed_ips_of(client.server.public_key)}
     assert allowed == {"203.0.113.0/24", "198.51.100.128/25"}
+
+
+def test_a_late_answer_to_an_older_request_is_ignored(monkeypatch):
+    client = make_client(monkeypatch)
+    client._request_id = 3
+
+    def answer(request_id: int) -> ControlReceived:
+        message = control.ConfigPush(request_id, addresses=[ipaddress.ip_interface("203.0.113.2/24")],
+                                     routes=[ipaddress.ip_network("203.0.113.0/24")])
+        return ControlReceived(client.server.public_key, control.encode(message))
+
+    client.handle_event(answer(2), now=0.0)
+    assert client.pushed is None
+    assert client.device.peers[client.server.public_key].dropped["stale_config_push"] == 1
+    client.handle_event(answer(3), now=0.0)
+    assert client.pushed is not None
+    client.handle_event(answer(0), now=0.0)  # unasked pushes (after a server reload) always apply
+    assert client.mode == "pushed"
 
 
 def test_local_settings_win_over_the_push(monkeypatch):
