@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 
 from .config import Config, PeerConfig, resolve_endpoint
 from .daemon import Daemon, IPNetwork, Options, short_key
@@ -33,9 +32,7 @@ class Client(Daemon):
 
     def __init__(self, config: Config, options: Options) -> None:
         super().__init__(config, options)
-        if not config.peers:
-            raise ValueError("a client needs its server as a [Peer]")
-        self.server: PeerConfig = config.peers[0]
+        self.server: PeerConfig = config.peers[0]  # the config guarantees one
         self.pushed: control.ConfigPush | None = None
         self.mode = "waiting"  # waiting for a push | pushed | local (stock server or refused)
         self._request_id = 0
@@ -288,7 +285,7 @@ class Client(Daemon):
             pass
         try:
             address = resolve_endpoint(host, port)
-        except (OSError, socket.gaierror) as exc:
+        except OSError as exc:  # socket.gaierror included
             log.warning("cannot resolve the server's endpoint %s: %s", host, exc)
             return
         peer = self.device.peers[self.server.public_key]
