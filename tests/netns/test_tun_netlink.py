@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from netlab import Host, Lab, PythonAgent
+from packets import internet_checksum
 
 _AGENT = r"""
 import fcntl, ipaddress, json, os, select, socket, sys
@@ -111,14 +112,6 @@ class TunAgent(PythonAgent):
 
 
 # --- packets ---------------------------------------------------------------------------------
-
-def internet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def echo_reply_for(request: bytes) -> bytes:

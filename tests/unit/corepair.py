@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from packets import internet_checksum
 from tunvpn.protocol import messages
 from tunvpn.protocol.crypto import clamp
 from tunvpn.protocol.device import Device
@@ -55,19 +56,11 @@ def private_key(seed: int) -> bytes:
 
 # --- IP packets ---------------------------------------------------------------------
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
 
 def _udp(src: bytes, dst: bytes, pseudo_tail: bytes, payload: bytes, sport: int, dport: int) -> bytes:
     length = 8 + len(payload)
     header = struct.pack("!HHHH", sport, dport, length, 0)
-    checksum = _checksum(src + dst + pseudo_tail + header + payload) or 0xFFFF
+    checksum = internet_checksum(src + dst + pseudo_tail + header + payload) or 0xFFFF
     return struct.pack("!HHHH", sport, dport, length, checksum) + payload
 
 
@@ -76,7 +69,7 @@ def ipv4_udp(src: str, dst: str, payload: bytes = b"", sport: int = 40000, dport
     s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
     udp = _udp(s, d, struct.pack("!BBH", 0, 17, 8 + len(payload)), payload, sport, dport)
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0x1234, 0x4000, 64, 17, 0, s, d)
-    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
     return header + udp
 
 
@@ -88,7 +81,7 @@ def ipv6_udp(src: str, dst: str, payload: bytes = b"", sport: int = 40000, dport
 
 
 def ipv4_checksum_ok(packet: bytes) -> bool:
-    return _checksum(packet[:20]) == 0
+    return internet_checksum(packet[:20]) == 0
 
 
 # --- the wire -----------------------------------------------------------------------
@@ -333,3 +326,16 @@ def established(pair: CorePair, initiator: str = "a") -> CorePair:
     pair.handshake(pair.hosts[initiator])
     assert pair.a_peer.keypairs.current is not None and pair.b_peer.keypairs.current is not None
     return pair
+
+
+# Points of small order on Curve25519 (and non-canonical encodings of them): X25519 with any
+# scalar gives zero for these, so a handshake must refuse them.
+LOW_ORDER_POINTS = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+    (2**255 - 19 - 1).to_bytes(32, "little"),
+    (2**255 - 19).to_bytes(32, "little"),
+    (2**255 - 19 + 1).to_bytes(32, "little"),
+]

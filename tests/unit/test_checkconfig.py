@@ -18,6 +18,7 @@ from typing import Callable
 
 import pytest
 
+from configfiles import conf, write
 from tunvpn import checkconfig
 from tunvpn.checkconfig import register_check_config_parser
 from tunvpn.keys import derive_public_key, encode_key, generate_private_key
@@ -70,16 +71,6 @@ def placeholders() -> dict[str, str]:
         "pub2": encode_key(derive_public_key(generate_private_key())),
         "short_key": encode_key(bytes(16)),
     }
-
-
-def write(path: Path, text: str, mode: int = 0o600) -> Path:
-    path.write_text(text)
-    os.chmod(path, mode)  # after writing: the umask must not decide the test
-    return path
-
-
-def conf(*lines: str) -> str:
-    return "\n".join(lines) + "\n"
 
 
 # --- files that pass ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from configfiles import conf, write
 from tunvpn.config import (
     Config,
     ConfigError,
@@ -52,17 +53,6 @@ def keys() -> Keys:
         peer2=derive_public_key(generate_private_key()),
         psk=generate_preshared_key(),
     )
-
-
-def write(path: Path, text: str, mode: int = 0o600) -> Path:
-    path.write_text(text)
-    os.chmod(path, mode)  # after writing: the umask must not decide the test
-    return path
-
-
-def conf(*lines: str) -> str:
-    """One argument per line, so a case's line numbers can be read off its position."""
-    return "\n".join(lines) + "\n"
 
 
 # --- files that load ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pytest
 
-from corepair import CorePair, Datagram, Host, a_to_b_v4, established
+from corepair import LOW_ORDER_POINTS, CorePair, Datagram, Host, a_to_b_v4, established
 from tunvpn.protocol.cookie import LABEL_MAC1
 from tunvpn.protocol.device import DEFAULT_LOAD_THRESHOLD
 from tunvpn.protocol.crypto import StaticKey, aead_encrypt, hash_, kdf1, kdf2, mac
@@ -31,15 +31,6 @@ from tunvpn.protocol.noise import INITIAL_CHAIN_KEY, INITIAL_HASH
 from tunvpn.protocol.timers import _NAMES as TIMER_NAMES
 
 MALLORY = ("198.51.100.66", 6666)
-LOW_ORDER_POINTS = [
-    bytes(32),
-    (1).to_bytes(32, "little"),
-    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
-    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
-    (2**255 - 19 - 1).to_bytes(32, "little"),
-    (2**255 - 19).to_bytes(32, "little"),
-    (2**255 - 19 + 1).to_bytes(32, "little"),
-]
 
 
 # --- bookkeeping ----------------------------------------------------------------------------

@@ -17,23 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from corepair import A_ADDR, B_ADDR, WALL_EPOCH, CorePair, Datagram, private_key
+from corepair import LOW_ORDER_POINTS, A_ADDR, B_ADDR, WALL_EPOCH, CorePair, Datagram, private_key
 from tunvpn.protocol.cookie import CookieJar
 from tunvpn.protocol.crypto import StaticKey
 from tunvpn.protocol.messages import INITIATION_SIZE, RESPONSE_SIZE, Initiation, Response
 from tunvpn.protocol.noise import Handshake, Identity, NoiseError, State, open_initiation
 
-# Points of small order on Curve25519 (and non-canonical encodings of them): X25519 with any
-# scalar gives zero for these, so a handshake must refuse them.
-LOW_ORDER_POINTS = [
-    bytes(32),
-    (1).to_bytes(32, "little"),
-    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
-    bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
-    (2**255 - 19 - 1).to_bytes(32, "little"),
-    (2**255 - 19).to_bytes(32, "little"),
-    (2**255 - 19 + 1).to_bytes(32, "little"),
-]
 
 
 # --- an independent reference ------------------------------------------------------------
