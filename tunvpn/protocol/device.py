@@ -247,7 +247,8 @@ class Device:
             heapq.heappush(self._heap, (deadline, self._heap_seq, peer))
 
     def _jitter(self) -> float:
-        return int.from_bytes(self._random_bytes(2), "little") % 334 / 1000.0
+        """0 to REKEY_TIMEOUT_JITTER_MAX seconds, in whole milliseconds."""
+        return int.from_bytes(self._random_bytes(2), "little") % (int(T.REKEY_TIMEOUT_JITTER_MAX * 1000) + 1) / 1000.0
 
     # --- tun side: plaintext packets in -----------------------------------------
 
@@ -371,7 +372,7 @@ class Device:
                 dropped["unknown_receiver_index"] += 1
                 continue
             peer = keypair.peer
-            if now - keypair.created >= REJECT_AFTER_TIME:
+            if not keypair.can_receive(now):
                 peer.dropped["expired_keypair"] += 1
                 continue
             plaintext = keypair.receiver.open(_ZERO_NONCE_PREFIX + data[8:16], data[TRANSPORT_HEADER_SIZE:])

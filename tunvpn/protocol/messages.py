@@ -11,13 +11,13 @@ import struct
 from typing import NamedTuple
 
 from .crypto import KEY_SIZE, MAC_SIZE, TAG_SIZE, XNONCE_SIZE
+from .tai64n import TAI64N_SIZE
 
 MESSAGE_INITIATION = 1
 MESSAGE_RESPONSE = 2
 MESSAGE_COOKIE_REPLY = 3
 MESSAGE_TRANSPORT = 4
 
-TIMESTAMP_SIZE = 12
 COOKIE_SIZE = 16
 
 INITIATION_SIZE = 148
@@ -30,7 +30,7 @@ TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + TAG_SIZE  # a keepalive: empty payl
 INITIATION_MAC1_OFFSET = INITIATION_SIZE - 2 * MAC_SIZE
 RESPONSE_MAC1_OFFSET = RESPONSE_SIZE - 2 * MAC_SIZE
 
-_INITIATION = struct.Struct(f"<I I {KEY_SIZE}s {KEY_SIZE + TAG_SIZE}s {TIMESTAMP_SIZE + TAG_SIZE}s 16s 16s")
+_INITIATION = struct.Struct(f"<I I {KEY_SIZE}s {KEY_SIZE + TAG_SIZE}s {TAI64N_SIZE + TAG_SIZE}s 16s 16s")
 _RESPONSE = struct.Struct(f"<I I I {KEY_SIZE}s {TAG_SIZE}s 16s 16s")
 _COOKIE_REPLY = struct.Struct(f"<I I {XNONCE_SIZE}s {COOKIE_SIZE + TAG_SIZE}s")
 TRANSPORT_HEADER = struct.Struct("<I I Q")
@@ -46,7 +46,7 @@ assert TRANSPORT_HEADER.size == TRANSPORT_HEADER_SIZE
 _INITIATION_FIELDS = {
     "ephemeral": KEY_SIZE,
     "encrypted_static": KEY_SIZE + TAG_SIZE,
-    "encrypted_timestamp": TIMESTAMP_SIZE + TAG_SIZE,
+    "encrypted_timestamp": TAI64N_SIZE + TAG_SIZE,
     "mac1": MAC_SIZE,
     "mac2": MAC_SIZE,
 }
