@@ -13,7 +13,7 @@ import ipaddress
 import logging
 
 from .config import Config, PeerConfig, resolve_endpoint
-from .daemon import Daemon, IPNetwork, Options, short_key
+from .daemon import Daemon, IPNetwork, Options, refused_note, short_key
 from .io.dns import DnsError, DnsManager
 from .protocol import control
 from .protocol.device import ControlReceived, Device, Event, HandshakeCompleted, HandshakeGaveUp, KeysExpired
@@ -59,8 +59,8 @@ class Client(Daemon):
         self.link.set_mtu(interface.mtu)
         for address in interface.addresses:
             self.link.add_address(address)
-        networks = [net for peer in self.config.peers for net in peer.allowed_ips]
-        self.routes_for(networks)
+        networks = self._wanted_routes()
+        self.set_routes(networks)
         self._maybe_full_tunnel(networks)
         if interface.dns or interface.dns_search:
             self._apply_dns(interface.dns, interface.dns_search)
@@ -156,7 +156,8 @@ class Client(Daemon):
             message = control.decode(payload)
         except control.ControlError as exc:
             peer.dropped["bad_control_message"] += 1
-            log.warning("server sent a malformed control message: %s", exc)
+            if self.peer_log.allow(self.server.public_key, "malformed control message", now):
+                log.warning("server sent a malformed control message: %s", exc)
             return
         if isinstance(message, control.ConfigPush):
             if message.request_id not in (0, self._request_id):
@@ -190,31 +191,41 @@ class Client(Daemon):
         interface = self.config.interface
         local_families = {a.version for a in interface.addresses}
         wanted = [a for a in push.addresses if a.version not in local_families]
-        for address in self._applied_addresses:
-            if address not in wanted:
-                self.link.remove_address(address)
-        for address in wanted:
-            if address not in self._applied_addresses:
-                self.link.add_address(address)
-        self._applied_addresses = wanted
+        self._set_pushed_addresses(wanted)
         if push.mtu and not interface.mtu_configured and push.mtu != self.device.mtu:
-            self.link.set_mtu(push.mtu)
-            self.device.mtu = push.mtu
-        old_routes, self._applied_routes = self._applied_routes, list(push.routes)
+            if self.apply_or_report(f"pushed MTU {push.mtu}", lambda: self.link.set_mtu(push.mtu)):
+                self.device.mtu = push.mtu
+        self._applied_routes = list(push.routes)
         self._install_server_peer()
-        local_routes = {net for peer in self.config.peers for net in peer.allowed_ips}
-        for network in old_routes:
-            if network not in push.routes and network not in local_routes:
-                self.link.remove_route(network)
-        new_routes = [net for net in push.routes if net not in old_routes]
-        self.routes_for(new_routes)
-        self._maybe_full_tunnel(new_routes)
+        routes = self._wanted_routes()
+        self.set_routes(routes)
+        self._maybe_full_tunnel(routes)
         if not (interface.dns or interface.dns_search):
             self._apply_dns(push.dns, push.search)
         log.info("%s config from the server: addresses %s, routes %s, dns %s, mtu %s, keepalive %s",
                  "applied" if first else "updated",
                  ", ".join(map(str, push.addresses)) or "none", ", ".join(map(str, push.routes)) or "none",
                  ", ".join(map(str, [*push.dns, *push.search])) or "none", push.mtu, push.keepalive)
+
+    def _set_pushed_addresses(self, wanted: list) -> None:
+        """Put exactly the pushed addresses on the tun; one the kernel refuses (IPv6 disabled)
+        is reported and the others still apply."""
+        for address in self._applied_addresses:
+            if address not in wanted:
+                what = f"pushed address {address}"
+                if what in self.refused:
+                    self.forget_refusal(what)
+                else:
+                    self.apply_or_report(f"removing {what}", lambda: self.link.remove_address(address))
+        for address in wanted:
+            what = f"pushed address {address}"
+            if address not in self._applied_addresses or what in self.refused:
+                self.apply_or_report(what, lambda: self.link.add_address(address))
+        self._applied_addresses = wanted
+
+    def _wanted_routes(self) -> list[IPNetwork]:
+        """Every network routed into the tun: each peer's AllowedIPs plus what the server pushed."""
+        return [*(net for peer in self.config.peers for net in peer.allowed_ips), *self._applied_routes]
 
     def _install_server_peer(self) -> None:
         """The server peer as configured, plus the pushed routes and keepalive where the config is silent."""
@@ -230,8 +241,12 @@ class Client(Daemon):
             return
         self.udp.set_fwmark(FULL_TUNNEL_MARK)
         for family in families:
-            self.link.add_full_tunnel(family, table=FULL_TUNNEL_MARK, fwmark=FULL_TUNNEL_MARK)
-            self._full_tunnel.add(family)
+            if self.apply_or_report(f"IPv{family} full tunnel", lambda: self.link.add_full_tunnel(
+                    family, table=FULL_TUNNEL_MARK, fwmark=FULL_TUNNEL_MARK)):
+                self._full_tunnel.add(family)
+        families = [family for family in families if family in self._full_tunnel]
+        if not families:
+            return
         log.info("full tunnel: IPv%s default route through %s, UDP to the server marked %d",
                  " and IPv".join(map(str, families)), self.tun.name, FULL_TUNNEL_MARK)
 
@@ -253,9 +268,15 @@ class Client(Daemon):
             log.warning("dns: could not apply %s: %s", ", ".join(wanted[0] + wanted[1]), exc)
 
     def _revert_dns(self) -> None:
-        if self.dns is not None and self._dns_applied is not None:
+        """Take our DNS settings back; a helper that fails is logged, never fatal (it runs on
+        every push that changes DNS and at shutdown)."""
+        applied, self._dns_applied = self._dns_applied, None
+        if self.dns is None or applied is None:
+            return
+        try:
             self.dns.revert()
-        self._dns_applied = None
+        except DnsError as exc:
+            log.warning("dns: could not revert %s: %s", ", ".join(applied[0] + applied[1]), exc)
 
     # --- reconnecting ----------------------------------------------------------------------------
 
@@ -309,9 +330,9 @@ class Client(Daemon):
                 self._install_server_peer()
             else:
                 self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address, **self.peer_device_settings(peer))
-        self.routes_for([net for peer in added for net in peer.allowed_ips])
-        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
-                 len(changed))
+        self.set_routes(self._wanted_routes())
+        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
+                 len(changed), refused_note(self.refused))
 
 
 def _same_push(a: control.ConfigPush, b: control.ConfigPush) -> bool:

@@ -8,6 +8,7 @@ records (LinkSetup's undo stack) and removes exactly that on exit.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
 import signal
@@ -15,11 +16,12 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .config import Config, ConfigError, PeerConfig, load_config
 from .io.controlsocket import ControlServer
-from .io.loop import EventLoop
-from .io.netlink import LinkSetup
+from .io.loop import EventLoop, Faults
+from .io.netlink import LinkSetup, NetlinkError
 from .io.systemd import Notifier
 from .io.tun import TunDevice
 from .io.udp import UdpTransport
@@ -66,6 +68,35 @@ def _counts(counter) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "none"
 
 
+class PeerLogLimit:
+    """Per peer and kind of line, at most `burst` log lines per `window` seconds.
+
+    A peer controls how often some lines appear (a goodbye per packet, a handshake per second):
+    without a limit one client could fill the journal.  Lines held back are counted and said
+    when that peer's next line of the kind comes after the window.
+    """
+
+    MAX_TRACKED = 4096  # (peer, kind) pairs before expired windows are dropped
+
+    def __init__(self, burst: int = 5, window: float = 60.0) -> None:
+        self.burst = burst
+        self.window = window
+        self._windows: dict[tuple[bytes, str], list[float]] = {}  # -> [window start, lines in it]
+
+    def allow(self, public_key: bytes, kind: str, now: float) -> bool:
+        key = (public_key, kind)
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.window:
+            if window is not None and window[1] > self.burst:
+                log.info("peer %s: %d more %s line(s) held back in %.0f s", short_key(public_key),
+                         window[1] - self.burst, kind, now - window[0])
+            if window is None and len(self._windows) >= self.MAX_TRACKED:
+                self._windows = {k: w for k, w in self._windows.items() if now - w[0] < self.window}
+            window = self._windows[key] = [now, 0]
+        window[1] += 1
+        return window[1] <= self.burst
+
+
 class Daemon:
     """The shared life cycle; `Server` and `Client` fill in the role-specific hooks."""
 
@@ -78,6 +109,10 @@ class Daemon:
         self.device = self.build_device()
         self._watchdog_interval = self.notifier.watchdog_interval()
         self._next_watchdog = 0.0
+        self._routes: list[IPNetwork] = []  # the routes into the tun the config asks for
+        self.refused: dict[str, str] = {}  # system changes the kernel refused: what -> why and what to do
+        self.faults = Faults()
+        self.peer_log = PeerLogLimit()
         self.udp: UdpTransport
         self.tun: TunDevice
         self.link: LinkSetup
@@ -117,7 +152,10 @@ class Daemon:
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         established = sum(1 for peer in self.device.peers.values() if peer.keypairs.current is not None)
-        return f"{established} of {len(self.device.peers)} peers connected"
+        line = f"{established} of {len(self.device.peers)} peers connected"
+        if self.refused:
+            line += f"; {len(self.refused)} setting(s) refused by the kernel, see tunvpn show"
+        return line
 
     # --- shared helpers ----------------------------------------------------------------
 
@@ -132,11 +170,49 @@ class Daemon:
             persistent_keepalive=peer.persistent_keepalive,
         )
 
-    def routes_for(self, networks: list[IPNetwork]) -> None:
-        for network in networks:
-            if network.prefixlen == 0:
-                continue  # full tunnel: handled by the client's policy routing
-            self.link.add_route(network)
+    def apply_or_report(self, what: str, change: Callable[[], object]) -> bool:
+        """Make one change to the system; a refusal is logged with what the admin can do,
+        shown by `tunvpn show` and STATUS=, and everything else carries on."""
+        try:
+            change()
+        except NetlinkError as exc:
+            reason = f"{exc}{_advice(what, exc.code)}"
+            if self.refused.get(what) != reason:
+                log.error("%s refused; carrying on without it: %s", what, reason)
+                self.refused[what] = reason
+                self.notifier.status(self.summary())
+            return False
+        self.forget_refusal(what, applied=True)
+        return True
+
+    def forget_refusal(self, what: str, applied: bool = False) -> None:
+        if self.refused.pop(what, None) is not None:
+            log.info("%s %s", what, "applied now" if applied else "no longer wanted")
+            self.notifier.status(self.summary())
+
+    def set_routes(self, wanted: list[IPNetwork]) -> None:
+        """Route exactly `wanted` into the tun: both roles diff old against new here, once.
+
+        A route the kernel refused stays wanted and is tried again on the next change or reload
+        (the admin may have removed the conflicting route meanwhile).  /0 is left to the
+        client's full-tunnel policy routing.
+        """
+        wanted = list(dict.fromkeys(net for net in wanted if net.prefixlen != 0))
+        keep = set(wanted)
+        for network in self._routes:
+            if network in keep:
+                continue
+            what = f"route {network}"
+            if what in self.refused:
+                self.forget_refusal(what)
+            else:
+                self.apply_or_report(f"removing {what}", lambda: self.link.remove_route(network))
+        before = set(self._routes)
+        for network in wanted:
+            what = f"route {network}"
+            if network not in before or what in self.refused:
+                self.apply_or_report(what, lambda: self.link.add_route(network))
+        self._routes = wanted
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -155,7 +231,7 @@ class Daemon:
             control = ControlServer(str(self.control_socket_path), self.handle_request)
             cleanup.callback(control.close)
             self.loop = EventLoop(self.device, self.tun, self.udp, on_event=self._on_event,
-                                  on_tick=self._on_tick, services=(control,))
+                                  on_tick=self._on_tick, services=(control,), faults=self.faults)
             self.loop.signal_handlers[signal.SIGHUP] = self.reload
             self.loop.signal_handlers[signal.SIGUSR2] = self.log_statistics
             cleanup.callback(self.loop.close)
@@ -178,8 +254,10 @@ class Daemon:
         return 0
 
     def _on_event(self, event: Event) -> None:
-        self.log_event(event)
-        self.handle_event(event, time.monotonic())
+        now = time.monotonic()
+        if self.peer_log.allow(event.public_key, type(event).__name__, now):
+            self.log_event(event)
+        self.handle_event(event, now)
         if isinstance(event, (HandshakeCompleted, KeysExpired, HandshakeGaveUp)):
             self.notifier.status(self.summary())
 
@@ -263,6 +341,8 @@ class Daemon:
             "mtu": self.device.mtu,
             "dropped": dict(self.device.dropped) | {f"udp_{k}": v for k, v in self.udp.errors.items()}
             | ({"tun_write_errors": self.tun.write_errors} if self.tun.write_errors else {}),
+            "refused": dict(self.refused),
+            "internal_errors": dict(self.faults.counts),
             **self.status_extra(),
             "peers": peers,
         }
@@ -306,3 +386,24 @@ RESTART_SETTINGS = {
 
 def _peer_settings(peer: PeerConfig) -> tuple:
     return (peer.preshared_key, tuple(peer.allowed_ips), peer.endpoint, peer.persistent_keepalive)
+
+
+def refused_note(refused: dict[str, str]) -> str:
+    """The tail of a reload's log line: a reload applied without its refused parts says so."""
+    if not refused:
+        return ""
+    return f"; not in force, refused by the kernel: {', '.join(sorted(refused))}"
+
+
+def _advice(what: str, code: int | None) -> str:
+    """What an admin can do about a refused change, for the cases seen in the field."""
+    if code == errno.EEXIST and what.startswith("route "):
+        network = what.removeprefix("route ")
+        return (f"; another device already routes {network} (see `ip route show {network}`), so its "
+                f"traffic stays off the tunnel: remove that route, or take {network} out of "
+                "AllowedIPs/PushRoute, then reload")
+    if code == errno.EACCES and ":" in what:
+        return "; is IPv6 disabled here (sysctl net.ipv6.conf.all.disable_ipv6)? Enable it, or stop pushing IPv6"
+    if code == errno.EPERM:
+        return "; the daemon lacks CAP_NET_ADMIN"
+    return ""

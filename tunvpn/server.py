@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .config import Config, server_subnets
-from .daemon import Daemon, IPNetwork, Options, short_key
+from .daemon import Daemon, IPNetwork, Options, refused_note, short_key
 from .pool import AddressPool, Lease, PoolExhausted
 from .protocol import control
 from .protocol.device import ControlReceived, Device, EndpointChanged, Event
@@ -146,7 +146,7 @@ class Server(Daemon):
         self.link.set_mtu(interface.mtu)
         for address in interface.addresses:
             self.link.add_address(address)
-        self.routes_for(self._routed_outside_subnets(self.config.peers))
+        self.set_routes(self._routed_outside_subnets(self.config.peers))
 
     def started(self, now: float) -> None:
         """Initiate to every client's last endpoint, so clients recover at once after a restart."""
@@ -209,7 +209,8 @@ class Server(Daemon):
             message = control.decode(payload)
         except control.ControlError as exc:
             peer.dropped["bad_control_message"] += 1
-            log.debug("peer %s: bad control message: %s", short_key(public_key), exc)
+            if self.peer_log.allow(public_key, "bad control message", now):
+                log.debug("peer %s: bad control message: %s", short_key(public_key), exc)
             return
         if message is None:
             peer.dropped["ignored_control_message"] += 1
@@ -222,7 +223,8 @@ class Server(Daemon):
             self.tunvpn_peers.add(public_key)
             self.device.send_to_peer(public_key, [self._encoded_answer(public_key, message.request_id)], now)
         elif isinstance(message, control.Goodbye):
-            log.info("peer %s: said goodbye (%s)", short_key(public_key), message.reason or "no reason")
+            if self.peer_log.allow(public_key, "goodbye", now):
+                log.info("peer %s: said goodbye (%s)", short_key(public_key), message.reason or "no reason")
             self.device.drop_sessions(public_key)
         else:
             peer.dropped["unexpected_control_message"] += 1
@@ -263,7 +265,6 @@ class Server(Daemon):
     def apply_reload(self, new: Config, now: float) -> None:
         added, removed, changed = self.diff_peers(new)
         old_push = _push_settings(self.config)
-        old_routes = self._routed_outside_subnets(self.config.peers)
         old_addresses = self._tunvpn_addresses()
         self.config = new
         self.pool = self._build_pool(new, self.pool.leases())
@@ -274,13 +275,9 @@ class Server(Daemon):
             self._last_request.pop(public_key, None)
         # Every peer again: a lease moved by the new pool must reach cryptokey routing too.
         self._sync_peers(new.peers, endpoints=True)
-        new_routes = self._routed_outside_subnets(new.peers)
-        for network in old_routes:
-            if network not in new_routes:
-                self.link.remove_route(network)
-        self.routes_for([net for net in new_routes if net not in old_routes])
-        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed", new.path, len(added), len(removed),
-                 len(changed))
+        self.set_routes(self._routed_outside_subnets(new.peers))
+        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
+                 len(changed), refused_note(self.refused))
         settings_changed = _push_settings(new) != old_push
         for public_key, addresses in self._tunvpn_addresses().items():
             # A changed Pool or a new fixed address moves a client: tell it now, or its

@@ -105,6 +105,11 @@ def _interface_lines(status: dict) -> list[str]:
     drops = _drops(status.get("dropped"))
     if drops:
         lines.append(f"  dropped: {drops}")
+    for what, why in sorted((status.get("refused") or {}).items()):
+        lines.append(f"  refused by the kernel: {what}: {why}")
+    errors = _drops(status.get("internal_errors"))
+    if errors:
+        lines.append(f"  internal errors (see the log): {errors}")
     return lines
 
 

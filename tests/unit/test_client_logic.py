@@ -14,6 +14,7 @@ from tunvpn import client as client_module
 from tunvpn.client import RECONNECT_BACKOFF, REQUEST_ATTEMPTS, REQUEST_INTERVAL, Client
 from tunvpn.config import parse_config
 from tunvpn.daemon import Options
+from tunvpn.io.dns import DnsError
 from tunvpn.keys import derive_public_key, encode_key, generate_private_key
 from tunvpn.protocol import control
 from tunvpn.protocol.device import ControlReceived, HandshakeCompleted, HandshakeGaveUp
@@ -140,3 +141,30 @@ def test_malformed_control_message_is_counted_not_fatal():
     client = make_client()
     client.handle_event(ControlReceived(SERVER_PUB, bytes([control.CONTROL_MARKER, 1, 2, 0, 0, 1, 0xFF, 0xFF])), 0.0)
     assert client.device.peers[SERVER_PUB].dropped["bad_control_message"] == 1
+
+
+class FailingDns:
+    """A DNS helper that worked once and now fails (resolvconf removed, resolved stopped)."""
+
+    def revert(self) -> None:
+        raise DnsError("resolvconf -d tv-office exited with 1: no such interface")
+
+
+def test_a_dns_revert_that_fails_is_logged_not_raised(caplog):
+    client = make_client()
+    client.dns, client._dns_applied = FailingDns(), (["198.51.100.53"], ["office.example"])
+    with caplog.at_level(logging.WARNING, logger="tunvpn"):
+        client._revert_dns()  # as at shutdown, or before a push's new DNS is applied
+    assert "could not revert 198.51.100.53, office.example" in caplog.text
+    assert client._dns_applied is None
+    client._revert_dns()  # nothing left to revert: quiet
+
+
+def test_a_chatty_server_cannot_flood_the_log(caplog):
+    client = make_client()
+    junk = ControlReceived(SERVER_PUB, bytes([control.CONTROL_MARKER, 1, 2, 0, 0, 1, 0xFF, 0xFF]))
+    with caplog.at_level(logging.WARNING, logger="tunvpn"):
+        for step in range(128):
+            client.handle_event(junk, now=step / 1000)
+    assert client.device.peers[SERVER_PUB].dropped["bad_control_message"] == 128
+    assert caplog.text.count("malformed control message") == client.peer_log.burst

@@ -7,7 +7,9 @@ are replaced by recorders here.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import logging
 import types
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,6 +19,7 @@ from tunvpn import client as client_module
 from tunvpn.client import Client
 from tunvpn.config import parse_config
 from tunvpn.daemon import Options
+from tunvpn.io.netlink import NetlinkError
 from tunvpn.keys import derive_public_key, encode_key, generate_private_key
 from tunvpn.protocol import control
 from tunvpn.protocol.device import ControlReceived
@@ -125,6 +128,8 @@ def test_reload_routes_for_added_and_removed_sites_and_repushes_changed_settings
     site = "AllowedIPs = 198.51.100.0/25\n"
     text = server_text("ab").replace(f"PublicKey = {encode_key(PUB['b'])}\n", f"PublicKey = {encode_key(PUB['b'])}\n{site}")
     server = make_server(tmp_path, text)
+    server.configure_link()  # as at start-up: the site's route goes in
+    assert ("add_route", "198.51.100.0/25") in server.link.calls
     ask(server, "a")
     pushed = []
     server.device.send_to_peer = lambda key, payloads, now: pushed.append((key, control.decode(payloads[0])))
@@ -253,3 +258,37 @@ def test_pushed_keepalive_survives_a_reload_of_the_server_peer(monkeypatch, tmp_
     peer = client.device.peers[client.server.public_key]
     assert peer.persistent_keepalive == 25
     assert {str(n) for n in client.device.allowed_ips_of(peer.public_key)} == {"198.51.100.0/25", "203.0.113.0/24"}
+
+
+def test_goodbyes_from_one_peer_are_logged_a_few_times_then_summed_up(tmp_path, caplog):
+    """A client may say goodbye in every packet of a session (128 seen): the log keeps a few."""
+    server = make_server(tmp_path, server_text("a"))
+    goodbye = ControlReceived(PUB["a"], control.encode(control.Goodbye("bye")))
+    with caplog.at_level(logging.INFO, logger="tunvpn"):
+        for step in range(128):
+            server.handle_event(goodbye, now=step / 100)
+        assert caplog.text.count("said goodbye") == server.peer_log.burst
+        server.handle_event(goodbye, now=server.peer_log.window + 1.0)
+    assert f"{128 - server.peer_log.burst} more goodbye line(s) held back" in caplog.text
+    assert caplog.text.count("said goodbye") == server.peer_log.burst + 1
+
+
+def test_a_reload_applies_without_the_routes_the_kernel_refuses(tmp_path, caplog):
+    server = make_server(tmp_path, server_text("a"))
+    server.configure_link()
+
+    def add_route(network, metric=None):
+        raise NetlinkError(f"cannot add route {network} via tv-office: File exists (EEXIST)") from OSError(
+            errno.EEXIST, "File exists")
+
+    server.link.add_route = add_route
+    site = f"\n[Peer]\nPublicKey = {encode_key(PUB['b'])}\nAllowedIPs = 198.51.100.0/25\n"
+    with caplog.at_level(logging.INFO, logger="tunvpn"):
+        reload(server, server_text("a") + site)
+    assert PUB["b"] in server.device.peers
+    assert list(server.refused) == ["route 198.51.100.0/25"]
+    assert "another device already routes 198.51.100.0/25" in server.refused["route 198.51.100.0/25"]
+    assert "not in force, refused by the kernel: route 198.51.100.0/25" in caplog.text
+    assert "refused by the kernel" in server.summary()
+    reload(server, server_text("a"))  # the site goes again: so does its refusal
+    assert server.refused == {}

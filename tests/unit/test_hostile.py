@@ -324,3 +324,16 @@ def test_one_batch_of_garbage_and_genuine_traffic():
     mixed = [item for pair_ in zip(junk, genuine) for item in pair_]
     assert pair.b.device.receive_datagrams(mixed, pair.now) == packets
     assert pair.b_peer.endpoint == pair.a.address
+
+
+@pytest.mark.parametrize("kind", sorted(SCENARIOS))
+def test_a_genuine_message_from_source_port_zero_is_dropped_before_it_can_move_the_endpoint(kind):
+    """Port 0 can be sent from (a raw socket, an on-path replay) but never answered: the datagram
+    must not become the peer's endpoint, which would also break the server's state file."""
+    scenario = SCENARIOS[kind]()
+    host, port = scenario.genuine.source[:2]
+    assert_refused(scenario.pair, scenario.target, scenario.genuine.data, "source_port_zero", source=(host, 0))
+    assert_refused(scenario.pair, scenario.target, scenario.genuine.data, "source_port_zero",
+                   source=("2001:db8::66", 0, 0, 0))
+    scenario.pair.deliver([scenario.genuine])  # the same datagram from its real port still works
+    assert scenario.accepted()

@@ -267,3 +267,15 @@ def test_usage_errors(argv: tuple[str, ...], message: str, capsys: pytest.Captur
     assert run_show(parse(*argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith("tunvpn show: ") and message in err and err.count("\n") == 1
+
+
+def test_refused_settings_and_internal_errors_are_shown() -> None:
+    status = client_status(None) | {
+        "refused": {"pushed address 2001:db8:100::2/64": "cannot add address ...: Permission denied (EACCES)"},
+        "internal_errors": {"the EndpointChanged handler: ValueError": 2},
+    }
+    text = format_status(status, now=NOW)
+    assert ("  refused by the kernel: pushed address 2001:db8:100::2/64: cannot add address ...: "
+            "Permission denied (EACCES)\n") in text
+    assert "  internal errors (see the log): the EndpointChanged handler: ValueError 2\n" in text
+    assert "refused" not in format_status(client_status(None) | {"refused": {}, "internal_errors": {}}, now=NOW)

@@ -13,7 +13,8 @@ import os
 import selectors
 import signal
 import time
-from typing import Callable, Protocol
+from collections import Counter
+from typing import Callable, Protocol, TypeVar
 
 from ..protocol.device import Device, Event
 from .tun import TunDevice
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 _TUN = "tun"  # selector tags; a UDP socket is tagged (_UDP, socket)
 _UDP = "udp"
 _SIGNALS = "signals"
+T = TypeVar("T")
 MAX_WAIT = 1.0  # wake at least this often, to refresh the wall clock and to notice stop requests
 
 
@@ -39,6 +41,27 @@ class Service(Protocol):
     def expire(self, now: float) -> None: ...
 
 
+class Faults:
+    """Exceptions that escaped a handler: counted by place, and the loop goes on.
+
+    One bad event (a peer's odd endpoint, a refused system call nobody foresaw) must not cut
+    every client's tunnel.  The first traceback of each place is logged in full; repeats are
+    logged at 2, 4, 8, ... so a fault that fires per packet cannot flood the journal.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def record(self, place: str, exc: Exception) -> None:
+        key = f"{place}: {type(exc).__name__}"
+        self.counts[key] += 1
+        count = self.counts[key]
+        if count == 1:
+            log.error("unexpected error in %s; carrying on (counted in `tunvpn show`)", place, exc_info=exc)
+        elif count & (count - 1) == 0:
+            log.error("unexpected error in %s again (%d times so far): %s", place, count, exc)
+
+
 class EventLoop:
     def __init__(
         self,
@@ -48,6 +71,7 @@ class EventLoop:
         on_event: Callable[[Event], None] | None = None,
         on_tick: Callable[[float], float | None] | None = None,
         services: tuple[Service, ...] = (),
+        faults: Faults | None = None,
     ) -> None:
         """`on_tick(now)` runs every turn and returns the daemon's own next deadline."""
         self.device = device
@@ -62,6 +86,7 @@ class EventLoop:
         self._pending_signals: list[int] = []
         self._signals_installed = False
         self.signal_handlers: dict[int, Callable[[], None]] = {}
+        self.faults = faults or Faults()
 
     # --- signals -------------------------------------------------------------
 
@@ -86,7 +111,7 @@ class EventLoop:
         for signum in pending:
             handler = self.signal_handlers.get(signum)
             if handler is not None:
-                handler()
+                self._guarded(f"the {signal.Signals(signum).name} handler", handler)
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.stop_signal = signum
 
@@ -107,26 +132,38 @@ class EventLoop:
         while self.stop_signal is None:
             now = time.monotonic()
             device.set_wall_clock(time.time(), now)
-            tick_deadline = self.on_tick(now)  # after the last turn's events, which may set its deadlines
+            # After the last turn's events, which may set its deadlines.
+            tick_deadline = self._guarded("the daemon's timers", self.on_tick, now)
             self._send()  # what the tick queued goes now, not after the wait
             timeout = MAX_WAIT
             for deadline in (device.get_timer(), tick_deadline):
                 if deadline is not None:
                     timeout = min(timeout, max(0.0, deadline - now))
             for key, mask in selector.select(timeout):
-                if key.data is _TUN:
-                    self._on_tun()
-                elif key.data is _SIGNALS:
-                    self._handle_signals()
-                elif type(key.data) is tuple and key.data[0] is _UDP:
-                    self._on_udp(key.data[1])
-                else:
-                    self._dispatch(key, mask)
+                # try costs nothing until something raises (Python >= 3.11), so one per wakeup.
+                try:
+                    if key.data is _TUN:
+                        self._on_tun()
+                    elif key.data is _SIGNALS:
+                        self._handle_signals()
+                    elif type(key.data) is tuple and key.data[0] is _UDP:
+                        self._on_udp(key.data[1])
+                    else:
+                        self._dispatch(key, mask)
+                except Exception as exc:
+                    self.faults.record(_place(key.data), exc)
             now = time.monotonic()
-            device.handle_timer(now)
+            self._guarded("the protocol timers", device.handle_timer, now)
             for service in self.services:
-                service.expire(now)
+                self._guarded("a control socket client", service.expire, now)
             self.flush()
+
+    def _guarded(self, place: str, handler: Callable[..., T], *args: object) -> T | None:
+        try:
+            return handler(*args)
+        except Exception as exc:
+            self.faults.record(place, exc)
+            return None
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
         for service in self.services:
@@ -151,7 +188,7 @@ class EventLoop:
         device = self.device
         event = device.next_event()
         while event is not None:
-            self.on_event(event)
+            self._guarded(f"the {type(event).__name__} handler", self.on_event, event)
             event = device.next_event()
         self._send()
 
@@ -165,3 +202,14 @@ class EventLoop:
         self._selector.close()
         os.close(self._signal_r)
         os.close(self._signal_w)
+
+
+def _place(tag: object) -> str:
+    """Which handler a selector tag belongs to, for fault counts."""
+    if tag is _TUN:
+        return "the tun receive path"
+    if tag is _SIGNALS:
+        return "signal handling"
+    if type(tag) is tuple and tag[0] is _UDP:
+        return "the UDP receive path"
+    return "a control socket client"

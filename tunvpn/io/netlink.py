@@ -47,6 +47,11 @@ _DEFAULT_DESTINATION = {4: "0.0.0.0/0", 6: "::/0"}
 class NetlinkError(Exception):
     """A netlink operation failed; the message is one line naming the operation and object."""
 
+    @property
+    def code(self) -> int | None:
+        """The kernel's errno behind it, so callers can say what the admin can do about it."""
+        return None if self.__cause__ is None else _error_code(self.__cause__)
+
 
 def _error_code(exc: BaseException) -> int | None:
     code = exc.code if isinstance(exc, _PyrouteNetlinkError) else getattr(exc, "errno", None)

@@ -359,6 +359,11 @@ class Device:
         forward = self.forward_between_peers
         relay: list[bytes] | None = None if forward is None else []
         for data, source in datagrams:
+            if source[1] == 0:
+                # No reply can reach port 0; taken as an endpoint it would break the peer and
+                # the state file.  A raw socket or an on-path replay can send from it.
+                dropped["source_port_zero"] += 1
+                continue
             size = len(data)
             if size < TRANSPORT_MIN_SIZE:
                 self._receive_control(data, source, now)
