@@ -1,7 +1,7 @@
 """DnsManager for real, inside a lab namespace and a private mount namespace, never touching the host.
 
 The code under test runs in a lab network namespace, under `unshare --mount` with a temporary
-file bind-mounted over /etc/resolv.conf.  The resolvconf it finds first on PATH is a fake that
+file bind-mounted over /etc/resolv.conf.  The resolvconf it is given is a fake that
 records each call and rewrites /etc/resolv.conf the way the real one does: so a bind mount that
 leaked would show in the host's file, which must stay byte-identical (and unwritten).
 """
@@ -48,7 +48,7 @@ from pathlib import Path
 from tunvpn.io.dns import DnsManager, detect_backend
 
 interface_order, expected_tool = Path(sys.argv[1]), sys.argv[2]
-backend = detect_backend(interface_order=interface_order)
+backend = detect_backend(search_path=str(Path(expected_tool).parent), interface_order=interface_order)
 if backend.tool != expected_tool:  # never let a real resolvconf or resolved be reached from a test
     print(json.dumps({"refused": repr(backend)}))
     sys.exit(3)
@@ -91,7 +91,6 @@ def workspace() -> Iterator[Path]:
 def _run_isolated(host: Host, workspace: Path) -> subprocess.CompletedProcess[str]:
     """The driver in `host`'s network namespace and a private mount namespace of its own."""
     env = python_env()
-    env["PATH"] = os.pathsep.join([str(workspace / "bin"), env.get("PATH", "")])
     bind_then_run = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
     return host.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", bind_then_run, "sh",
                      str(workspace / "resolv.conf"), sys.executable, "-c", _DRIVER,

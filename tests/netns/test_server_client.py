@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import sys
 from pathlib import Path
 import threading
 import time
@@ -287,6 +288,13 @@ FAKE_RESOLVCONF = """#!/bin/sh
 { echo "ARGS $*"; cat; echo "END"; } >> "$FAKE_RESOLVCONF_LOG"
 """
 
+# The daemon looks for resolvconf in the system directories only, never on $PATH. This stands in
+# for its interpreter and puts the fake where the daemon looks, in the mount namespace `ip netns
+# exec` made for it alone: the host's /usr/sbin is never touched.
+WITH_FAKE_SBIN = """#!/bin/sh
+mount --bind {tools} /usr/sbin && exec {python} "$@"
+"""
+
 
 def test_pushed_dns_goes_through_resolvconf_and_is_removed(lab, tmp_path):
     office = build_office(lab, clients=(), stock=False)
@@ -298,14 +306,17 @@ def test_pushed_dns_goes_through_resolvconf_and_is_removed(lab, tmp_path):
         "ClientToClient = no", "ClientToClient = no\nPushDNS = 198.51.100.53, office.example"))
     office.server.signal(signal.SIGHUP)
     office.server.wait_log(r"reloaded", 5)
-    tools = tmp_path / "bin"
+    tools = tmp_path / "sbin"
     tools.mkdir()
     (tools / "resolvconf").write_text(FAKE_RESOLVCONF)
     (tools / "resolvconf").chmod(0o755)
+    interpreter = tmp_path / "python-with-fake-sbin"
+    interpreter.write_text(WITH_FAKE_SBIN.format(tools=tools, python=sys.executable))
+    interpreter.chmod(0o755)
     calls = tmp_path / "resolvconf.log"
     host_resolv_conf = Path("/etc/resolv.conf").read_bytes()
     client = Tunvpn(host, "client", client_config(key, office.server_key), name="laptop",
-                    env={"PATH": f"{tools}:/usr/sbin:/usr/bin:/sbin:/bin", "FAKE_RESOLVCONF_LOG": str(calls)}).start()
+                    env={"FAKE_RESOLVCONF_LOG": str(calls)}, python=str(interpreter)).start()
     client.wait_log(r"dns: ", 10)
     applied = calls.read_text()
     assert "ARGS -a tv-laptop" in applied or "ARGS -a tun.tv-laptop" in applied, applied

@@ -259,6 +259,24 @@ def test_systemds_resolvconf_shim_counts_as_resolved(tmp_path: Path) -> None:
     assert detect_backend(search_path, order, lambda: False) == DnsBackend(NO_BACKEND)
 
 
+def test_tools_are_taken_from_the_system_directories_never_from_path(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon runs them as root: a resolvconf planted first on $PATH must not be the one run."""
+    planted, system = tmp_path / "planted", tmp_path / "system"
+    planted.mkdir()
+    system.mkdir()
+    _tool(planted, "resolvconf")
+    _tool(planted, "resolvectl")
+    monkeypatch.setenv("PATH", str(planted))
+    order = tmp_path / "interface-order"
+    for resolved_here in (True, False):
+        tool = detect_backend(interface_order=order, resolved_here=lambda: resolved_here).tool
+        assert tool is None or Path(tool).parent.as_posix() in dns.SYSTEM_DIRECTORIES
+    monkeypatch.setattr(dns, "SYSTEM_DIRECTORIES", (str(system),))
+    resolvconf = _tool(system, "resolvconf")
+    assert detect_backend(interface_order=order, resolved_here=lambda: False) == DnsBackend(RESOLVCONF, str(resolvconf))
+
+
 def test_detection_without_tools(tmp_path: Path) -> None:
     assert detect_backend(str(tmp_path), tmp_path / "interface-order", _never_asked) == DnsBackend(NO_BACKEND)
     _tool(tmp_path, "resolvectl")  # installed, but resolved is not running here

@@ -36,9 +36,9 @@ RESOLVED_STUB_PORT = 53
 # Debian's resolvconf ranks records by the patterns in this file; openresolv reads it too when
 # it has no /etc/resolvconf.conf.
 INTERFACE_ORDER = Path("/etc/resolvconf/interface-order")
-# Where Debian keeps resolvconf (/sbin) and resolvectl, searched after $PATH: a daemon started
-# with a user's PATH should still find them.
-SYSTEM_DIRECTORIES = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+# Where the distribution installs resolvconf and resolvectl, and the only places they are looked
+# for: the daemon runs them as root, so $PATH (maybe a user's, through sudo) must not choose them.
+SYSTEM_DIRECTORIES = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 TOOL_TIMEOUT_SECONDS = 10.0
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _VPN_PATTERN = re.compile(r"([A-Za-z0-9-]+)\*")
@@ -84,7 +84,8 @@ def _stub_listener_here() -> bool:
     packed = int.from_bytes(socket.inet_aton(RESOLVED_STUB_ADDRESS), sys.byteorder)
     wanted = f"{packed:08X}:{RESOLVED_STUB_PORT:04X}"
     try:
-        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+        # /proc/self/net, not the /proc/net link: a unit with ProcSubset=pid hides the link.
+        lines = Path("/proc/self/net/udp").read_text().splitlines()[1:]
     except OSError:
         return False
     return any(line.split()[1] == wanted for line in lines if len(line.split()) > 1)
@@ -103,9 +104,7 @@ def resolved_serves_this_namespace() -> bool:
 
 
 def _find_tool(name: str, search_path: str | None) -> str | None:
-    if search_path is None:
-        search_path = os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_DIRECTORIES])
-    return shutil.which(name, path=search_path)
+    return shutil.which(name, path=os.pathsep.join(SYSTEM_DIRECTORIES) if search_path is None else search_path)
 
 
 def _is_resolvectl_shim(tool: str) -> bool:
@@ -134,7 +133,7 @@ def detect_backend(search_path: str | None = None, interface_order: Path = INTER
                    resolved_here: Callable[[], bool] = resolved_serves_this_namespace) -> DnsBackend:
     """Pick how to apply DNS settings here: systemd-resolved, else resolvconf, else nothing.
 
-    `search_path` replaces $PATH plus the system directories when given (tests).
+    `search_path` replaces the system directories when given (tests).
     """
     resolvectl = _find_tool("resolvectl", search_path)
     resolvconf = _find_tool("resolvconf", search_path)
