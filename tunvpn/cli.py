@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -17,13 +19,29 @@ EXIT_USAGE = 2
 
 
 def _genkey(args: argparse.Namespace) -> int:
-    print(encode_key(generate_private_key()))
-    return 0
+    return _print_secret("genkey", generate_private_key())
 
 
 def _genpsk(args: argparse.Namespace) -> int:
-    print(encode_key(generate_preshared_key()))
+    return _print_secret("genpsk", generate_preshared_key())
+
+
+def _print_secret(command: str, key: bytes) -> int:
+    _warn_if_stdout_is_exposed(command)
+    print(encode_key(key))
     return 0
+
+
+def _warn_if_stdout_is_exposed(command: str) -> None:
+    """As `wg genkey` does: a key written to a file other users can open is no secret any more."""
+    try:
+        status = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout: nothing to judge
+        return
+    if stat.S_ISREG(status.st_mode) and status.st_mode & stat.S_IRWXO:
+        print(f"tunvpn {command}: warning: the key goes to a file other users can open "
+              f"(mode {stat.S_IMODE(status.st_mode):04o}); set the umask to 077 and make a new key",
+              file=sys.stderr)
 
 
 def _pubkey(args: argparse.Namespace) -> int:

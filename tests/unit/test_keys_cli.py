@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -25,7 +26,7 @@ ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab
 ALICE_PUBLIC = bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
 
 
-def tunvpn(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+def tunvpn(*args: str, stdin: bytes = b"", stdout: int | IO[bytes] = subprocess.PIPE) -> subprocess.CompletedProcess[bytes]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     # As under a UTF-8 user locale: Python's text stdin is then strict (under C.UTF-8 it is
     # surrogateescape), which is where undecodable input used to end in a traceback.
@@ -33,7 +34,8 @@ def tunvpn(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]
     return subprocess.run(
         [sys.executable, "-m", "tunvpn", *args],
         input=stdin,
-        capture_output=True,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         timeout=TIMEOUT,
         env=env,
         cwd=REPO_ROOT,
@@ -73,6 +75,22 @@ def test_genkey_prints_base64_of_32_clamped_bytes() -> None:
 def test_genpsk_prints_base64_of_32_random_bytes() -> None:
     keys = {_single_key_line(tunvpn("genpsk")) for _ in range(3)}
     assert len(keys) == 3
+
+
+@pytest.mark.parametrize("command", ["genkey", "genpsk"])
+def test_a_key_written_to_a_file_others_can_open_gets_a_warning(command: str, tmp_path: Path) -> None:
+    """As from `wg genkey`: the key is written all the same, and the warning goes to stderr."""
+    for mode, warned in ((0o644, True), (0o604, True), (0o602, True), (0o640, False), (0o600, False)):
+        path = tmp_path / f"{mode:o}.key"
+        path.touch()
+        path.chmod(mode)
+        with open(path, "wb") as file:
+            result = tunvpn(command, stdout=file)
+        assert result.returncode == 0
+        assert len(base64.b64decode(path.read_bytes().strip(), validate=True)) == 32
+        warning = (f"tunvpn {command}: warning: the key goes to a file other users can open (mode {mode:04o}); "
+                   "set the umask to 077 and make a new key\n").encode()
+        assert result.stderr == (warning if warned else b"")
 
 
 def test_pubkey_of_the_rfc7748_key() -> None:
