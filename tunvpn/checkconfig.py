@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import INTERFACE_KEYS, MAX_CONFIG_BYTES, ROLES, ConfigError, guess_role, load_config, one_line
+from .config import INTERFACE_KEYS, MAX_CONFIG_BYTES, ROLES, ConfigError, guess_role, load_config, one_line, redact
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -57,8 +57,9 @@ def run_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # already one escaped line
         return EXIT_BAD_CONFIG
-    except Exception as exc:  # a parser bug must still be one line, and must not pass for a bad config
-        print(one_line(f"tunvpn check-config: {args.file}: internal error: {type(exc).__name__}: {exc}"),
+    except Exception as exc:  # a parser bug must still be one line, must not pass for a bad config, and
+        # must not print a key the config held
+        print(one_line(redact(f"tunvpn check-config: {args.file}: internal error: {type(exc).__name__}: {exc}")),
               file=sys.stderr)
         return EXIT_INTERNAL_ERROR
     peers = len(config.peers)

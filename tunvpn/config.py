@@ -10,8 +10,10 @@ PostUp ran.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import socket
 import stat
@@ -32,8 +34,7 @@ DEVICE_PREFIX = "tv-"
 MAX_DEVICE_NAME_BYTES = 15  # IFNAMSIZ - 1
 MAX_CONFIG_BYTES = 1 << 20
 MAX_KEY_FILE_BYTES = 4096
-GROUP_OTHER_READ = 0o044
-GROUP_OTHER_WRITE = 0o022
+REDACTED = "(redacted)"
 DEFAULT_STATE_ROOT = "/var/lib/tunvpn"
 DEFAULT_PUSH_KEEPALIVE = 25
 
@@ -101,6 +102,8 @@ class ConfigError(Exception):
     """A bad config, as one line: `FILE:LINE: KEY: reason` (LINE 0 = the whole file, KEY optional)."""
 
     def __init__(self, path: str, line: int, key: str | None, reason: str) -> None:
+        key = None if key is None else redact(key)
+        reason = redact(reason)
         super().__init__(path, line, key, reason)
         self.path = path
         self.line = line
@@ -111,6 +114,23 @@ class ConfigError(Exception):
         where = f"{self.path}:{self.line}" if self.line else self.path
         text = f"{where}: {self.key}: {self.reason}" if self.key else f"{where}: {self.reason}"
         return one_line(text)
+
+
+# A 32-byte key is 43 base64 characters and a '='. Any run of 43 or more base64 characters and '='
+# is taken for one: that also covers keys glued to each other or to other text, and a key cut from
+# its '=' where a line was split there.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{43,}")
+
+
+def _is_key_shaped(run: str) -> bool:
+    """A random key mixes upper and lower case (all but 4 in 10^10 do); the long runs of file paths
+    and DNS names that are not keys mostly do not, and stay readable."""
+    return any(ch.isupper() for ch in run) and any(ch.islower() for ch in run)
+
+
+def redact(text: str) -> str:
+    """`text` with every key-shaped run replaced: no message may carry a private key or PSK."""
+    return _BASE64_RUN.sub(lambda match: REDACTED if _is_key_shaped(match[0]) else match[0], text)
 
 
 def one_line(text: str) -> str:
@@ -126,7 +146,7 @@ class _Context:
     name: str
     role: str
     config_dir: str
-    config_exposure: str | None  # "readable"/"writable" when group/others may; None if fine or unchecked
+    secrets_refused: str | None  # why the config file may not hold inline keys; None if it may or unchecked
 
 
 class _Required:
@@ -200,28 +220,83 @@ def _parse_key_file(value: str, ctx: _Context) -> bytes:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def _exposure(mode: int) -> str | None:
-    if mode & GROUP_OTHER_READ:
-        return "readable"
-    if mode & GROUP_OTHER_WRITE:
-        return "writable"
-    return None
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _access(bits: int) -> str:
+    """'readable and writable' for the r, w, x bits of one class (shifted to the low three bits)."""
+    words = [word for bit, word in ((4, "readable"), (2, "writable"), (1, "executable")) if bits & bit]
+    return " and ".join(words)
+
+
+def _owner_problem(status: os.stat_result, path: str) -> str | None:
+    """Whoever owns a file may rewrite it or its mode: only root and the daemon's own user may."""
+    euid = os.geteuid()
+    if status.st_uid in (0, euid):
+        return None
+    allowed = "root" if euid == 0 else f"root or {_user_name(euid)}, the user this daemon runs as"
+    return f"is owned by {_user_name(status.st_uid)}, not by {allowed}; chown root {path}"
+
+
+def _mode_problem(status: os.stat_result, path: str, refused: int, exposures: list[str]) -> str:
+    """The exposures, and the chmod that takes the `refused` bits away and keeps the rest."""
+    mode = stat.S_IMODE(status.st_mode)
+    return f"is {', '.join(exposures)} (mode {mode:04o}); chmod {mode & ~refused:o} {path}"
+
+
+def _secret_mode_problem(status: os.stat_result, path: str) -> str | None:
+    """A secret is for its owner and, read-only, for the group the daemon runs as (root:tunvpn 0640)."""
+    mode = stat.S_IMODE(status.st_mode)
+    foreign_group = status.st_gid != os.getegid()
+    refused = stat.S_IRWXO | stat.S_IWGRP | (stat.S_IRGRP if foreign_group else 0)
+    exposures = []
+    if mode & stat.S_IRWXO:
+        exposures.append(f"{_access(mode & stat.S_IRWXO)} by others")
+    if mode & stat.S_IWGRP:
+        exposures.append(f"writable by group {_group_name(status.st_gid)}")
+    if mode & stat.S_IRGRP and foreign_group:
+        exposures.append(f"readable by group {_group_name(status.st_gid)}, which this daemon does not run as")
+    return _mode_problem(status, path, refused, exposures) if exposures else None
+
+
+def _config_file_problem(status: os.stat_result, path: str) -> str | None:
+    """Who may write the config may add peers and routes: root and the daemon's own user only."""
+    group_others_write = stat.S_IWGRP | stat.S_IWOTH
+    owner = _owner_problem(status, path)
+    if owner or not status.st_mode & group_others_write:
+        return owner
+    writers = [who for bit, who in ((stat.S_IWGRP, f"group {_group_name(status.st_gid)}"), (stat.S_IWOTH, "others"))
+               if status.st_mode & bit]
+    return _mode_problem(status, path, group_others_write,
+                         [f"writable by {' and '.join(writers)}, who could add peers and routes"])
 
 
 def _read_secret_file(path: str) -> str:
-    """Read a small regular file that only its owner can touch (fstat: symlinks count as their target)."""
+    """Read a small regular file only its owner and the daemon's group can read (fstat: symlinks count as
+    their target)."""
     try:
         # O_NONBLOCK: a FIFO given as key file fails the regular-file check instead of hanging.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot open {path}: {getattr(exc, 'strerror', None) or exc}") from exc
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise ValueError(f"{path} is not a regular file")
-        exposure = _exposure(mode)
-        if exposure:
-            raise ValueError(f"{path} is {exposure} by group/others; chmod 600 it")
+        problem = _owner_problem(status, path) or _secret_mode_problem(status, path)
+        if problem:
+            raise ValueError(f"{path} {problem}")
         data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -491,6 +566,16 @@ class _SectionSpec:
 INTERFACE = _SectionSpec("Interface", INTERFACE_KEYS, WG_QUICK_ONLY_KEYS)
 PEER = _SectionSpec("Peer", PEER_KEYS, ())
 SECTIONS = (INTERFACE, PEER)
+_KEY_NAMES = {key.name.lower() for spec in SECTIONS for key in spec.keys}
+_SECRET_KEY_NAMES = tuple(key.name for spec in SECTIONS for key in spec.keys if key.secret)
+
+
+def _mangled_secret_key(written: str) -> str | None:
+    """The secret key a line starts with but does not write as `Name = value`: in `PrivateKey <key>`
+    the parser's split at the key's own '=' leaves the key in what would be quoted as the key name."""
+    if written.lower() in _KEY_NAMES:
+        return None
+    return next((name for name in _SECRET_KEY_NAMES if written.lower().startswith(name.lower())), None)
 
 
 # --- reading lines into sections ----------------------------------------------------------------
@@ -529,8 +614,8 @@ class _Section:
             else:
                 reason = f"conflicts with {first.key} on line {first.line}; set only one"
             raise ConfigError(ctx.path, line, written, reason)
-        if key.secret and ctx.config_exposure:
-            raise ConfigError(ctx.path, line, written, f"{ctx.path} is {ctx.config_exposure} by group/others; chmod 600 it")
+        if key.secret and ctx.secrets_refused:
+            raise ConfigError(ctx.path, line, written, f"{ctx.path} {ctx.secrets_refused}")
         try:
             parsed = key.parse(value, ctx)
         except ValueError as exc:
@@ -599,6 +684,10 @@ def _read_sections(text: str, ctx: _Context) -> list[_Section]:
         key = key.strip()
         if not equals or not key:
             raise ConfigError(ctx.path, number, None, "expected 'Key = Value' or a [Section] header")
+        secret = _mangled_secret_key(key)
+        if secret:
+            raise ConfigError(ctx.path, number, secret,
+                              f"expected '{secret} = KEY'; the rest of the line is not shown, as it may be the key")
         if current is None:
             raise ConfigError(ctx.path, number, key, "comes before any section; put it under [Interface] or [Peer]")
         current.add(key, value.strip(), number, ctx)
@@ -873,10 +962,10 @@ def _resolve(peer: PeerConfig, section: _Section, ctx: _Context) -> PeerConfig:
     return replace(peer, endpoint_address=address)
 
 
-def _parse(text: str, path: str, role: str, resolve: bool, config_exposure: str | None) -> Config:
+def _parse(text: str, path: str, role: str, resolve: bool, secrets_refused: str | None) -> Config:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")  # a caller's bug, not bad input
-    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), config_exposure)
+    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), secrets_refused)
     sections = _read_sections(text.removeprefix("\ufeff"), ctx)
     interface_section = next((section for section in sections if section.spec is INTERFACE), None)
     if interface_section is None:
@@ -900,25 +989,29 @@ def parse_config(text: str, path: str, role: str, resolve: bool = True) -> Confi
 
     The config's own file mode is not checked here; key files named by *File keys still are.
     """
-    return _parse(text, os.fspath(path), role, resolve, config_exposure=None)
+    return _parse(text, os.fspath(path), role, resolve, secrets_refused=None)
 
 
 def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True) -> Config:
-    """Read and parse a config file; inline secrets in a file others can read are refused."""
+    """Read and parse a config file that only root or the daemon's user can change; inline secrets
+    in a file others can read are refused."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as file:
-            mode = os.fstat(file.fileno()).st_mode  # of the target when path is a symlink
+            status = os.fstat(file.fileno())  # of the target when path is a symlink
             data = file.read(MAX_CONFIG_BYTES + 1)
     except (OSError, ValueError) as exc:
         raise ConfigError(path, 0, None, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    problem = _config_file_problem(status, path)
+    if problem:
+        raise ConfigError(path, 0, None, problem)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, 0, None, f"larger than {MAX_CONFIG_BYTES} bytes; not a config file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text") from None
-    return _parse(text, path, role, resolve, config_exposure=_exposure(mode))
+    return _parse(text, path, role, resolve, secrets_refused=_secret_mode_problem(status, path))
 
 
 def guess_role(text: str) -> str:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from configfiles import conf, write
+from configfiles import conf, own_group, write
 from tunvpn import checkconfig
 from tunvpn.checkconfig import register_check_config_parser
 from tunvpn.keys import derive_public_key, encode_key, generate_private_key
@@ -141,6 +141,19 @@ def test_a_parser_bug_is_one_line_and_not_success(tmp_path: Path, capsys: pytest
     assert outcome == Outcome(1, "", f"tunvpn check-config: {path}: internal error: RuntimeError: boom\\nsecond line\n")
 
 
+def test_a_parser_bug_does_not_print_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch, placeholders: dict[str, str]) -> None:
+    def broken_loader(path: str, role: str, resolve: bool) -> None:
+        raise KeyError(placeholders["priv"])
+
+    monkeypatch.setattr(checkconfig, "load_config", broken_loader)
+    path = tmp_path / "office.conf"
+
+    outcome = check_config_in_process(capsys, "--role", "server", str(path))
+
+    assert outcome == Outcome(1, "", f"tunvpn check-config: {path}: internal error: KeyError: '(redacted)'\n")
+
+
 # --- broken files: exit 2, one line naming file, line, key and reason ---------------------------
 
 @dataclass(frozen=True)
@@ -191,10 +204,13 @@ BROKEN = [
     broken("client-peer-without-endpoint", INTERFACE + ("[Peer]", "PublicKey = {pub1}"), 3, "Endpoint",
            "missing; a client initiates, so every [Peer] needs one"),
     broken("secrets-file-readable-by-others", ("[Interface]", "PrivateKeyFile = office.key", "ListenPort = 51820"), 2,
-           "PrivateKeyFile", "{dir}/office.key is readable by group/others; chmod 600 it",
+           "PrivateKeyFile", "{dir}/office.key is readable by others (mode 0644); chmod 640 {dir}/office.key",
            files={"office.key": ("{priv}\n", 0o644)}),
     broken("inline-key-in-world-readable-config", SERVER, 2, "PrivateKey",
-           "{config} is readable by group/others; chmod 600 it", config_mode=0o644),
+           "{config} is readable by others (mode 0644); chmod 640 {config}", config_mode=0o644),
+    broken("group-writable-config", ("[Interface]", "PrivateKeyFile = office.key", "ListenPort = 51820"), 0, None,
+           "is writable by group {group}, who could add peers and routes (mode 0664); chmod 644 {config}",
+           config_mode=0o664, files={"office.key": ("{priv}\n", 0o600)}),
     broken("dns-on-a-server", SERVER + ("DNS = 198.51.100.53",), 5, "DNS",
            "is a client setting, not for a server; use PushDNS to give clients DNS servers", role="server"),
     broken("dns-on-a-guessed-server", INTERFACE + ("PushRoute = 198.51.100.0/24", "DNS = 198.51.100.53"), 4, "DNS",
@@ -222,6 +238,9 @@ BROKEN = [
     broken("missing-interface", ("[Peer]", "PublicKey = {pub1}"), 0, None, "no [Interface] section"),
     broken("not-key-equals-value", SERVER + ("Pool 203.0.113.10-203.0.113.20",), 5, None,
            "expected 'Key = Value' or a [Section] header"),
+    broken("private-key-without-equals", ("[Interface]", "PrivateKey {priv}", "ListenPort = 51820"), 2, "PrivateKey",
+           "expected 'PrivateKey = KEY'; the rest of the line is not shown, as it may be the key"),
+    broken("key-alone-on-a-line", SERVER + ("{priv}",), 5, "(redacted)", "unknown key in [Interface]"),
 ]
 
 
@@ -235,13 +254,14 @@ def test_broken_config_exits_2_with_one_line(case: Broken, tmp_path: Path, check
     for name, (text, mode) in case.files.items():
         write(tmp_path / name, text.format(**placeholders), mode)
     path = write(tmp_path / "office.conf", conf(*case.lines).format(**placeholders), case.config_mode)
-    reason = case.reason.format(dir=tmp_path, config=path)
+    reason = case.reason.format(dir=tmp_path, config=path, group=own_group())
     where = f"{path}:{case.line}" if case.line else f"{path}"
     expected = f"{where}: {case.key}: {reason}" if case.key else f"{where}: {reason}"
 
     outcome = check_config(*(["--role", case.role] if case.role else []), str(path))
 
     assert outcome == Outcome(2, "", expected + "\n")
+    assert placeholders["priv"].rstrip("=") not in outcome.stderr
 
 
 def test_missing_file_exits_2(tmp_path: Path, check_config: CheckConfig) -> None:

@@ -8,10 +8,11 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from configfiles import conf, write
+from configfiles import conf, own_group, user_name, write
 from tunvpn.config import (
     Config,
     ConfigError,
@@ -229,11 +230,93 @@ def test_symlinked_key_file_is_judged_by_its_target(tmp_path: Path, keys: Keys) 
     path = str(tmp_path / "wg0.conf")
 
     assert parse_config(text, path, role="server").interface.private_key == keys.private
-    os.chmod(target, 0o640)
+    os.chmod(target, 0o604)
     with pytest.raises(ConfigError) as caught:
         parse_config(text, path, role="server")
     link = tmp_path / "link.key"  # chmod follows the link, so naming it is enough
-    assert str(caught.value) == f"{path}:2: PrivateKeyFile: {link} is readable by group/others; chmod 600 it"
+    assert str(caught.value) == f"{path}:2: PrivateKeyFile: {link} is readable by others (mode 0604); chmod 600 {link}"
+
+
+STRANGER = 65534  # nobody and nogroup on Debian: a user and a group the daemon does not run as
+
+
+def owned_by_a_stranger(paths: list[Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Give `paths` an owner the daemon does not run as, and return how the refusal names him.
+
+    Root chowns them; anyone else makes the daemon run as another user instead.
+    """
+    if os.geteuid() == 0:
+        for path in paths:
+            os.chown(path, STRANGER, -1)
+        return f"is owned by {user_name(STRANGER)}, not by root"
+    owner = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    return f"is owned by {user_name(owner)}, not by root or {user_name(owner + 1)}, the user this daemon runs as"
+
+
+def test_key_files_and_configs_of_another_owner_are_refused(tmp_path: Path, keys: Keys,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their owner could rewrite them: put in his own key, add peers or routes."""
+    key = write(tmp_path / "server.key", encode_key(keys.private) + "\n")
+    text = conf("[Interface]", "PrivateKeyFile = server.key")
+    path = write(tmp_path / "wg0.conf", text, mode=0o644)
+    assert load_config(path, role="server").interface.private_key == keys.private
+
+    owned = owned_by_a_stranger([key, path], monkeypatch)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server")
+    assert str(caught.value) == f"{path}: {owned}; chown root {path}"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, str(path), role="server")
+    assert str(caught.value) == f"{path}:2: PrivateKeyFile: {key} {owned}; chown root {key}"
+
+
+def test_group_may_read_secrets_only_when_the_daemon_runs_as_that_group(tmp_path: Path, keys: Keys,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ph = keys.placeholders()
+    key = write(tmp_path / "server.key", ph["priv"] + "\n", mode=0o640)
+    path = write(tmp_path / "wg0.conf", conf("[Interface]", "PrivateKeyFile = server.key",
+                                             "[Peer]", "PublicKey = {pub1}", "PresharedKey = {psk}").format(**ph),
+                 mode=0o640)
+    assert load_config(path, role="server").peers[0].preshared_key == keys.psk
+
+    group = own_group()
+    daemon_group = os.getegid() + 1
+    monkeypatch.setattr(os, "getegid", lambda: daemon_group)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server")
+    assert str(caught.value) == (f"{path}:2: PrivateKeyFile: {key} is readable by group {group}, which this daemon "
+                                 f"does not run as (mode 0640); chmod 600 {key}")
+    os.chmod(key, 0o600)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server")
+    assert str(caught.value) == (f"{path}:5: PresharedKey: {path} is readable by group {group}, which this daemon "
+                                 f"does not run as (mode 0640); chmod 600 {path}")
+
+
+def test_packaged_layout_loads_for_a_daemon_running_as_its_own_user(tmp_path: Path, keys: Keys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """/etc/tunvpn as the package ships it: keys and configs root:tunvpn 0640, the daemon runs as tunvpn.
+
+    Root builds exactly that (with nobody:nogroup for tunvpn); anyone else gets the same rule with
+    files of his own, which the daemon running as him may also read.
+    """
+    ph = keys.placeholders()
+    key = write(tmp_path / "office.key", ph["priv"] + "\n", mode=0o640)
+    path = write(tmp_path / "office.conf", conf("[Interface]", "PrivateKeyFile = office.key",
+                                                "[Peer]", "PublicKey = {pub1}", "PresharedKey = {psk}").format(**ph),
+                 mode=0o640)
+    if os.geteuid() == 0:
+        for file in (key, path):
+            os.chown(file, 0, STRANGER)
+        monkeypatch.setattr(os, "geteuid", lambda: STRANGER)
+        monkeypatch.setattr(os, "getegid", lambda: STRANGER)
+
+    config = load_config(path, role="server")
+
+    assert (config.interface.private_key, config.peers[0].preshared_key) == (keys.private, keys.psk)
 
 
 def test_overlapping_allowed_ips_within_one_peer_are_allowed(tmp_path: Path, keys: Keys) -> None:
@@ -502,6 +585,7 @@ INTERFACE = ("[Interface]", "PrivateKey = {priv}")  # lines 1-2 of most cases
 SERVER_V4 = INTERFACE + ("Address = 203.0.113.1/24",)  # line 3 is the server's own address
 SERVER_V6 = INTERFACE + ("Address = 2001:db8:100::1/64",)
 LONGEST_DOMAIN = ".".join(["a" * 63] * 3 + ["a" * 61])  # 253 bytes
+MANGLED_PRIVATE_KEY = "expected 'PrivateKey = KEY'; the rest of the line is not shown, as it may be the key"
 
 BROKEN = [
     broken("unknown-key", INTERFACE + ("Colour = blue",), 3, "Colour", "unknown key in [Interface]"),
@@ -611,9 +695,14 @@ BROKEN = [
            6, "PresharedKey", "conflicts with PresharedKeyFile on line 5; set only one",
            files={"psk": ("{psk}\n", 0o600)}),
     broken("private-key-file-0644", ("[Interface]", "PrivateKeyFile = server.key"), 2, "PrivateKeyFile",
-           "{dir}/server.key is readable by group/others; chmod 600 it", files={"server.key": ("{priv}\n", 0o644)}),
+           "{dir}/server.key is readable by others (mode 0644); chmod 640 {dir}/server.key",
+           files={"server.key": ("{priv}\n", 0o644)}),
     broken("psk-file-group-writable", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PresharedKeyFile = psk"), 5,
-           "PresharedKeyFile", "{dir}/psk is writable by group/others; chmod 600 it", files={"psk": ("{psk}\n", 0o620)}),
+           "PresharedKeyFile", "{dir}/psk is writable by group {group} (mode 0620); chmod 600 {dir}/psk",
+           files={"psk": ("{psk}\n", 0o620)}),
+    broken("key-file-others-writable-group-writable", ("[Interface]", "PrivateKeyFile = server.key"), 2,
+           "PrivateKeyFile", "{dir}/server.key is writable and executable by others, writable by group {group} "
+                             "(mode 0663); chmod 640 {dir}/server.key", files={"server.key": ("{priv}\n", 0o663)}),
     broken("key-file-missing", ("[Interface]", "PrivateKeyFile = nowhere.key"), 2, "PrivateKeyFile",
            "cannot open {dir}/nowhere.key: No such file or directory"),
     broken("key-file-is-a-directory", ("[Interface]", "PrivateKeyFile = ."), 2, "PrivateKeyFile",
@@ -624,11 +713,19 @@ BROKEN = [
            "{dir}/server.key: a key is 32 bytes (44 base64 characters), this one is 0 bytes",
            files={"server.key": ("", 0o600)}),
     broken("inline-private-key-in-0644-config", INTERFACE, 2, "PrivateKey",
-           "{config} is readable by group/others; chmod 600 it", config_mode=0o644),
-    broken("inline-psk-in-0640-config", ("[Interface]", "PrivateKeyFile = server.key",
+           "{config} is readable by others (mode 0644); chmod 640 {config}", config_mode=0o644),
+    broken("inline-psk-in-0604-config", ("[Interface]", "PrivateKeyFile = server.key",
                                          "[Peer]", "PublicKey = {pub1}", "PresharedKey = {psk}"),
-           5, "PresharedKey", "{config} is readable by group/others; chmod 600 it",
-           config_mode=0o640, files={"server.key": ("{priv}\n", 0o600)}),
+           5, "PresharedKey", "{config} is readable by others (mode 0604); chmod 600 {config}",
+           config_mode=0o604, files={"server.key": ("{priv}\n", 0o600)}),
+    broken("config-group-writable-without-inline-keys", ("[Interface]", "PrivateKeyFile = server.key"), 0, None,
+           "is writable by group {group}, who could add peers and routes (mode 0664); chmod 644 {config}",
+           config_mode=0o664, files={"server.key": ("{priv}\n", 0o600)}),
+    broken("config-world-writable-without-inline-keys", ("[Interface]", "PrivateKeyFile = server.key"), 0, None,
+           "is writable by group {group} and others, who could add peers and routes (mode 0666); chmod 644 {config}",
+           config_mode=0o666, files={"server.key": ("{priv}\n", 0o600)}),
+    broken("config-writable-by-others-only", INTERFACE, 0, None,
+           "is writable by others, who could add peers and routes (mode 0602); chmod 600 {config}", config_mode=0o602),
     broken("key-before-section", ("PrivateKey = {priv}", "[Interface]"), 1, "PrivateKey",
            "comes before any section; put it under [Interface] or [Peer]"),
     broken("unknown-section", INTERFACE + ("[Peers]", "PublicKey = {pub1}"), 3, None,
@@ -801,6 +898,26 @@ BROKEN = [
     broken("fixed-address-is-the-network", SERVER_V4 + ("[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.0/32"),
            6, "AllowedIPs", "203.0.113.0 is the network address of 203.0.113.0/24, not a client address "
                             "(Address on line 3)"),
+    # -- secrets: a key pasted where a message would quote it is shown as (redacted)
+    broken("private-key-without-equals", ("[Interface]", "PrivateKey {priv}"), 2, "PrivateKey", MANGLED_PRIVATE_KEY),
+    broken("private-key-with-colon", ("[Interface]", "privatekey: {priv}"), 2, "PrivateKey", MANGLED_PRIVATE_KEY),
+    broken("private-key-not-base64-without-equals", ("[Interface]", "PrivateKey hunter=2"), 2, "PrivateKey",
+           MANGLED_PRIVATE_KEY),
+    broken("psk-without-equals", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "PresharedKey\t{psk}"), 5,
+           "PresharedKey", "expected 'PresharedKey = KEY'; the rest of the line is not shown, as it may be the key"),
+    broken("private-key-before-any-section", ("PrivateKey {priv}", "[Interface]"), 1, "PrivateKey",
+           MANGLED_PRIVATE_KEY),
+    broken("key-alone-on-a-line", INTERFACE + ("{psk}",), 3, "(redacted)", "unknown key in [Interface]"),
+    broken("key-alone-in-a-peer", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "{psk}"), 5, "(redacted)",
+           "unknown key in [Peer]"),
+    broken("key-glued-to-a-key-name", INTERFACE + ("Colour{psk} = blue",), 3, "(redacted)",
+           "unknown key in [Interface]"),
+    broken("key-as-device", INTERFACE + ("Device = {psk}",), 3, "Device", "'(redacted)' is longer than 15 bytes"),
+    broken("key-as-listen-port", INTERFACE + ("ListenPort = {psk}",), 3, "ListenPort",
+           "'(redacted)' is not a number in 1-65535"),
+    broken("key-as-endpoint", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "Endpoint = {psk}"), 5, "Endpoint",
+           "(redacted): missing :port"),
+    broken("key-as-section", INTERFACE + ("[{psk}]",), 3, None, "unknown section [(redacted)]; expected [Interface] or [Peer]"),
 ]
 
 
@@ -810,7 +927,7 @@ def test_broken_config_names_line_key_and_reason(case: Broken, tmp_path: Path, k
     for name, (text, mode) in case.files.items():
         write(tmp_path / name, text.format(**ph), mode)
     path = write(tmp_path / case.config_name, conf(*case.lines).format(**ph), case.config_mode)
-    reason = case.reason.format(dir=tmp_path, config=path)
+    reason = case.reason.format(dir=tmp_path, config=path, group=own_group())
     if case.line:
         expected = f"{path}:{case.line}: {case.key}: {reason}" if case.key else f"{path}:{case.line}: {reason}"
     else:
@@ -822,6 +939,72 @@ def test_broken_config_names_line_key_and_reason(case: Broken, tmp_path: Path, k
     assert str(caught.value) == expected
     assert (caught.value.path, caught.value.line, caught.value.key) == (str(path), case.line, case.key)
     assert "\n" not in str(caught.value)
+    assert_quotes_no_secret(caught.value, ph["priv"], ph["psk"])
+
+
+def assert_quotes_no_secret(error: ConfigError, *secrets: str) -> None:
+    """Not the key, not the key without its '=', not even a 12-character piece of it, anywhere."""
+    texts = (str(error), error.key or "", error.reason, repr(error), repr(error.args))
+    for secret in secrets:
+        pieces = {secret[start:start + 12] for start in range(len(secret) - 12)}
+        leaked = [piece for piece in pieces for text in texts if piece in text]
+        assert not leaked, f"{error} quotes {leaked} of a secret"
+
+
+def _with_secret_pasted(lines: list[str], secret: str) -> Iterator[list[str]]:
+    """`lines` with `secret` pasted into one line at a time, the ways a paste goes wrong."""
+    for index, line in enumerate(lines):
+        name, equals, _ = line.partition("=")
+        pasted = [f"{line} {secret}", f"{secret} {line}", line[:len(line) // 2] + secret + line[len(line) // 2:]]
+        if equals:
+            pasted += [f"{name}= {secret}", f"{name}= {secret}, {secret}"]
+        for replacement in pasted:
+            yield [*lines[:index], replacement, *lines[index + 1:]]
+        for added in (secret, f"PrivateKey {secret}", f"PresharedKey {secret}", f"[{secret}]"):
+            yield [*lines[:index + 1], added, *lines[index + 1:]]
+
+
+def test_no_error_quotes_a_key_pasted_into_any_broken_case(tmp_path: Path, keys: Keys) -> None:
+    """Every error path BROKEN reaches, again with a fresh key pasted into each line of its file."""
+    ph = keys.placeholders()
+    secret = encode_key(random.Random(7).randbytes(32))
+    errors = 0
+    for number, param in enumerate(BROKEN):
+        case: Broken = param.values[0]
+        directory = tmp_path / str(number)
+        directory.mkdir()
+        for name, (text, mode) in case.files.items():
+            write(directory / name, text.format(**ph), mode)
+        lines = [line.format(**ph) for line in case.lines]
+        for variant in _with_secret_pasted(lines, secret):
+            try:
+                parse_config(conf(*variant), str(directory / case.config_name), role=case.role, resolve=False)
+            except ConfigError as exc:
+                assert_quotes_no_secret(exc, secret, ph["priv"], ph["psk"])
+                errors += 1
+    assert errors > 5000
+
+
+def test_no_error_quotes_a_key_pasted_at_random(tmp_path: Path, keys: Keys) -> None:
+    """A key dropped anywhere into a valid file, amid random edits, is never quoted."""
+    rng = random.Random(20261202)
+    originals = [text.format(**keys.placeholders()) for text in (STOCK_SERVER, OFFICE_SERVER)]
+    alphabet = "[]=#:/,. \t\n-_0123456789abcdefABCDEF+"
+    path = str(tmp_path / "wg0.conf")
+    errors = 0
+    for _ in range(3000):
+        secret = encode_key(rng.randbytes(32))
+        text = list(rng.choice(originals))
+        for _ in range(rng.randint(0, 3)):
+            text.insert(rng.randrange(len(text)), rng.choice(alphabet))
+        position = rng.randrange(len(text))
+        text[position:position] = secret
+        try:
+            parse_config("".join(text), path, role="server", resolve=False)
+        except ConfigError as exc:
+            assert_quotes_no_secret(exc, secret, encode_key(keys.private), encode_key(keys.psk))
+            errors += 1
+    assert errors > 2000
 
 
 def test_at_least_25_broken_cases() -> None:
@@ -891,6 +1074,7 @@ def test_mangled_configs_only_ever_raise_config_error(tmp_path: Path, keys: Keys
         except ConfigError as exc:
             message = str(exc)
             assert message.startswith(path) and "\n" not in message and "\r" not in message
+            assert_quotes_no_secret(exc, encode_key(keys.private), encode_key(keys.psk))
             outcomes["error"] += 1
         else:
             assert isinstance(result, Config)
