@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from .config import Config, PeerConfig, resolve_endpoint
+from .config import Config, PeerConfig, resolve_endpoint, validate_push
 from .daemon import Daemon, IPNetwork, Options, refused_note, short_key
 from .io.dns import DnsError, DnsManager
 from .protocol import control
@@ -164,6 +164,12 @@ class Client(Daemon):
                 peer.dropped["stale_config_push"] += 1  # a late answer to an older request
                 return
             self._next_request = None
+            reasons = validate_push(message)  # refused whole: half a config is worse than the one in use
+            if reasons:
+                peer.dropped["invalid_config_push"] += 1
+                if self.peer_log.allow(self.server.public_key, "invalid config push", now):
+                    log.warning("refused the server's config push, keeping the config in use: %s", "; ".join(reasons))
+                return
             self._apply_push(message)
         elif isinstance(message, control.ConfigRefused):
             self._next_request = now + STOCK_REQUEST_INTERVAL

@@ -340,8 +340,22 @@ def _parse_addresses(value: str, ctx: _Context) -> list[IPInterface]:
     interfaces = []
     for item in _list_items(value, r"[,\s]+"):
         address, length = _parse_prefix(item)
-        interfaces.append(ipaddress.ip_interface(f"{address}/{length}"))
+        interface = ipaddress.ip_interface(f"{address}/{length}")
+        _check_interface_address(interface, item)
+        interfaces.append(interface)
     return interfaces
+
+
+def _check_interface_address(interface: IPInterface, item: str) -> None:
+    """Refuse addresses no tun device should hold: with them the host routes wrongly, or not at all."""
+    ip = interface.ip
+    for wrong, kind in ((ip.is_unspecified, "the unspecified address"), (ip.is_multicast, "a multicast address"),
+                        (ip.is_loopback, "a loopback address")):
+        if wrong:
+            raise ValueError(f"{ip} is {kind}, not one an interface can have")
+    if interface.network.prefixlen == 0:
+        raise ValueError(f"{item}: prefix length 0 would put every address on this link; "
+                         "give the tunnel subnet's length")
 
 
 def _parse_allowed_ips(value: str, ctx: _Context) -> list[IPNetwork]:
@@ -398,10 +412,14 @@ def _parse_dns(value: str, ctx: _Context) -> list[IPAddress | str]:
                 raise ValueError(f"'{item}' is neither an IP address nor a DNS search domain") from None
             entries.append(item)
             continue
-        if address.is_unspecified or address.is_multicast:
-            raise ValueError(f"{item} cannot be a DNS server")
+        _check_dns_server(address, item)
         entries.append(address)
     return entries
+
+
+def _check_dns_server(address: IPAddress, item: str) -> None:
+    if address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{item} cannot be a DNS server")
 
 
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
@@ -801,9 +819,11 @@ def _split_dns(entries: list[IPAddress | str]) -> tuple[list[IPAddress], list[st
 
 def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
     values = section.values(ctx)
-    if values["mtu"] < MIN_IPV6_MTU and any(address.version == 6 for address in values["addresses"]):
+    try:
+        _check_ipv6_mtu(values["mtu"], values["addresses"])
+    except ValueError as exc:
         line, key = section.where("mtu")
-        raise ConfigError(ctx.path, line, key, f"{values['mtu']} is below {MIN_IPV6_MTU}, the minimum with an IPv6 Address")
+        raise ConfigError(ctx.path, line, key, str(exc)) from None
     values["pools"] = _build_pools(section, ctx)
     for attr in ("push_routes", "push_dns", "dns"):
         _check_unique(section, attr, ctx)
@@ -823,6 +843,40 @@ def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
     if ctx.role == "server":
         _check_push_fits(interface, section, ctx)
     return interface
+
+
+def _check_ipv6_mtu(mtu: int, addresses: list[IPInterface]) -> None:
+    """Below 1280 the kernel turns IPv6 off on the device (RFC 8200 needs 1280)."""
+    if mtu < MIN_IPV6_MTU and any(address.version == 6 for address in addresses):
+        raise ValueError(f"{mtu} is below {MIN_IPV6_MTU}, the minimum with an IPv6 Address")
+
+
+def validate_push(push: ConfigPush) -> list[str]:
+    """Why a client may not apply `push`: what a config file with its values would be refused for.
+
+    Every reason, not just the first, so one log line tells the server's admin all there is to
+    fix; [] when the push is fine. Routes are not checked here: the control codec already refuses
+    all that PushRoute refuses (a malformed network, host bits set, too many).
+    """
+    reasons = []
+    for address in push.addresses:
+        reasons += _reasons("Address", _check_interface_address, address, str(address))
+    if push.mtu is not None:
+        reasons += (_reasons("MTU", _parse_int, str(push.mtu), MIN_MTU, MAX_MTU)
+                    or _reasons("MTU", _check_ipv6_mtu, push.mtu, push.addresses))
+    for server in push.dns:
+        reasons += _reasons("DNS", _check_dns_server, server, str(server))
+    reasons += [f"DNS: {domain!r} is not a DNS search domain" for domain in push.search if not _is_dns_name(domain)]
+    return reasons
+
+
+def _reasons(key: str, check: Callable[..., Any], *args: Any) -> list[str]:
+    """The config check's refusal, if any, as one reason naming the config key it stands for."""
+    try:
+        check(*args)
+    except ValueError as exc:
+        return [f"{key}: {exc}"]
+    return []
 
 
 def server_subnets(addresses: list[IPInterface]) -> list[IPNetwork]:
