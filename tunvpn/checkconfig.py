@@ -7,9 +7,11 @@ starts there (the state directory and the control socket are the daemon's busine
 from __future__ import annotations
 
 import argparse
+import pwd
 import sys
 
-from .config import INTERFACE_KEYS, MAX_CONFIG_BYTES, ROLES, ConfigError, guess_role, load_config, one_line, redact
+from .config import (INTERFACE_KEYS, MAX_CONFIG_BYTES, ROLES, ConfigError, Identity, guess_role, load_config, one_line,
+                     redact)
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -35,9 +37,21 @@ def register_check_config_parser(subparsers: argparse._SubParsersAction) -> argp
                     "'FILE:LINE: KEY: reason' on stderr and exits 2.",
     )
     parser.add_argument("--role", choices=ROLES, help=ROLE_HELP)
+    parser.add_argument("--user", type=_daemon_user, metavar="USER",
+                        help="judge owners and modes for a daemon running as USER and USER's group, such as tunvpn "
+                             "for the package's units (default: as whoever runs this)")
     parser.add_argument("file", metavar="FILE", help="wg-quick style config file")
     parser.set_defaults(func=run_check_config)
     return parser
+
+
+def _daemon_user(name: str) -> Identity:
+    """The user the daemon will run as, with his primary group (as systemd's User= without Group=)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user {name!r}") from None
+    return Identity(entry.pw_uid, entry.pw_gid)
 
 
 def _role_of(path: str) -> str:
@@ -53,7 +67,7 @@ def _role_of(path: str) -> str:
 def run_check_config(args: argparse.Namespace) -> int:
     role = args.role or _role_of(args.file)
     try:
-        config = load_config(args.file, role=role, resolve=True)
+        config = load_config(args.file, role=role, resolve=True, identity=args.user)
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # already one escaped line
         return EXIT_BAD_CONFIG

@@ -98,6 +98,18 @@ class Config:
     peers: list[PeerConfig]
 
 
+class Identity(NamedTuple):
+    """Who the daemon runs as: whose files it trusts besides root's, and which group may read its keys."""
+
+    uid: int
+    gid: int
+
+
+def running_identity() -> Identity:
+    """This process's effective user and group: the daemon's, when the daemon loads its config."""
+    return Identity(os.geteuid(), os.getegid())
+
+
 class ConfigError(Exception):
     """A bad config, as one line: `FILE:LINE: KEY: reason` (LINE 0 = the whole file, KEY optional)."""
 
@@ -146,6 +158,7 @@ class _Context:
     name: str
     role: str
     config_dir: str
+    identity: Identity  # the files are judged for a daemon running as this user and group
     secrets_refused: str | None  # why the config file may not hold inline keys; None if it may or unchecked
 
 
@@ -213,7 +226,7 @@ def _parse_key_file(value: str, ctx: _Context) -> bytes:
     if not value:
         raise ValueError("empty file name")
     path = os.path.join(ctx.config_dir, value)
-    text = _read_secret_file(path)
+    text = _read_secret_file(path, ctx.identity)
     try:
         return decode_key(text)
     except ValueError as exc:
@@ -240,12 +253,11 @@ def _access(bits: int) -> str:
     return " and ".join(words)
 
 
-def _owner_problem(status: os.stat_result, path: str) -> str | None:
+def _owner_problem(status: os.stat_result, path: str, identity: Identity) -> str | None:
     """Whoever owns a file may rewrite it or its mode: only root and the daemon's own user may."""
-    euid = os.geteuid()
-    if status.st_uid in (0, euid):
+    if status.st_uid in (0, identity.uid):
         return None
-    allowed = "root" if euid == 0 else f"root or {_user_name(euid)}, the user this daemon runs as"
+    allowed = "root" if identity.uid == 0 else f"root or {_user_name(identity.uid)}, the user this daemon runs as"
     return f"is owned by {_user_name(status.st_uid)}, not by {allowed}; chown root {path}"
 
 
@@ -255,10 +267,10 @@ def _mode_problem(status: os.stat_result, path: str, refused: int, exposures: li
     return f"is {', '.join(exposures)} (mode {mode:04o}); chmod {mode & ~refused:o} {path}"
 
 
-def _secret_mode_problem(status: os.stat_result, path: str) -> str | None:
+def _secret_mode_problem(status: os.stat_result, path: str, identity: Identity) -> str | None:
     """A secret is for its owner and, read-only, for the group the daemon runs as (root:tunvpn 0640)."""
     mode = stat.S_IMODE(status.st_mode)
-    foreign_group = status.st_gid != os.getegid()
+    foreign_group = status.st_gid != identity.gid
     refused = stat.S_IRWXO | stat.S_IWGRP | (stat.S_IRGRP if foreign_group else 0)
     exposures = []
     if mode & stat.S_IRWXO:
@@ -270,10 +282,10 @@ def _secret_mode_problem(status: os.stat_result, path: str) -> str | None:
     return _mode_problem(status, path, refused, exposures) if exposures else None
 
 
-def _config_file_problem(status: os.stat_result, path: str) -> str | None:
+def _config_file_problem(status: os.stat_result, path: str, identity: Identity) -> str | None:
     """Who may write the config may add peers and routes: root and the daemon's own user only."""
     group_others_write = stat.S_IWGRP | stat.S_IWOTH
-    owner = _owner_problem(status, path)
+    owner = _owner_problem(status, path, identity)
     if owner or not status.st_mode & group_others_write:
         return owner
     writers = [who for bit, who in ((stat.S_IWGRP, f"group {_group_name(status.st_gid)}"), (stat.S_IWOTH, "others"))
@@ -282,7 +294,7 @@ def _config_file_problem(status: os.stat_result, path: str) -> str | None:
                          [f"writable by {' and '.join(writers)}, who could add peers and routes"])
 
 
-def _read_secret_file(path: str) -> str:
+def _read_secret_file(path: str, identity: Identity) -> str:
     """Read a small regular file only its owner and the daemon's group can read (fstat: symlinks count as
     their target)."""
     try:
@@ -294,7 +306,7 @@ def _read_secret_file(path: str) -> str:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
             raise ValueError(f"{path} is not a regular file")
-        problem = _owner_problem(status, path) or _secret_mode_problem(status, path)
+        problem = _owner_problem(status, path, identity) or _secret_mode_problem(status, path, identity)
         if problem:
             raise ValueError(f"{path} {problem}")
         data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
@@ -1016,10 +1028,10 @@ def _resolve(peer: PeerConfig, section: _Section, ctx: _Context) -> PeerConfig:
     return replace(peer, endpoint_address=address)
 
 
-def _parse(text: str, path: str, role: str, resolve: bool, secrets_refused: str | None) -> Config:
+def _parse(text: str, path: str, role: str, resolve: bool, identity: Identity, secrets_refused: str | None) -> Config:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")  # a caller's bug, not bad input
-    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), secrets_refused)
+    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), identity, secrets_refused)
     sections = _read_sections(text.removeprefix("\ufeff"), ctx)
     interface_section = next((section for section in sections if section.spec is INTERFACE), None)
     if interface_section is None:
@@ -1038,25 +1050,28 @@ def _parse(text: str, path: str, role: str, resolve: bool, secrets_refused: str 
     return Config(path, ctx.name, role, interface, [peer for peer, _ in peers])
 
 
-def parse_config(text: str, path: str, role: str, resolve: bool = True) -> Config:
+def parse_config(text: str, path: str, role: str, resolve: bool = True, identity: Identity | None = None) -> Config:
     """Parse config text named `path` (for messages, the default Device and relative *File keys).
 
-    The config's own file mode is not checked here; key files named by *File keys still are.
+    The config's own file mode is not checked here; key files named by *File keys still are, for a
+    daemon running as `identity` (default: this process).
     """
-    return _parse(text, os.fspath(path), role, resolve, secrets_refused=None)
+    return _parse(text, os.fspath(path), role, resolve, identity or running_identity(), secrets_refused=None)
 
 
-def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True) -> Config:
+def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True,
+                identity: Identity | None = None) -> Config:
     """Read and parse a config file that only root or the daemon's user can change; inline secrets
-    in a file others can read are refused."""
+    in a file others can read are refused. The daemon is `identity` (default: this process)."""
     path = os.fspath(path)
+    identity = identity or running_identity()
     try:
         with open(path, "rb") as file:
             status = os.fstat(file.fileno())  # of the target when path is a symlink
             data = file.read(MAX_CONFIG_BYTES + 1)
     except (OSError, ValueError) as exc:
         raise ConfigError(path, 0, None, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-    problem = _config_file_problem(status, path)
+    problem = _config_file_problem(status, path, identity)
     if problem:
         raise ConfigError(path, 0, None, problem)
     if len(data) > MAX_CONFIG_BYTES:
@@ -1065,7 +1080,7 @@ def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True) -
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text") from None
-    return _parse(text, path, role, resolve, secrets_refused=_secret_mode_problem(status, path))
+    return _parse(text, path, role, resolve, identity, secrets_refused=_secret_mode_problem(status, path, identity))
 
 
 def guess_role(text: str) -> str:

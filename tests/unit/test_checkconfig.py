@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from configfiles import conf, own_group, write
+from configfiles import conf, group_name, own_group, write
 from tunvpn import checkconfig
 from tunvpn.checkconfig import register_check_config_parser
 from tunvpn.keys import derive_public_key, encode_key, generate_private_key
@@ -114,6 +115,36 @@ def test_role_option_overrides_the_guess(tmp_path: Path, check_config: CheckConf
     assert check_config(str(path), "--role=client").code == 0
 
 
+def test_files_are_judged_for_the_user_given(tmp_path: Path, check_config: CheckConfig,
+                                             placeholders: dict[str, str]) -> None:
+    """Root checks what a daemon running as another user will load (Ansible's validate, say).
+
+    Root builds the packaged layout, root:GROUP 0640 for a daemon running as nobody (whose group
+    GROUP is); anyone else checks his own files for himself, and for root, who trusts only root's.
+    """
+    key = write(tmp_path / "office.key", placeholders["priv"] + "\n", mode=0o640)
+    path = write(tmp_path / "office.conf", conf("[Interface]", "PrivateKeyFile = office.key", "ListenPort = 51820"),
+                 mode=0o640)
+    if os.geteuid() == 0:
+        daemon = pwd.getpwnam("nobody")
+        for file in (key, path):
+            os.chown(file, 0, daemon.pw_gid)
+        refused = (f"{path}:2: PrivateKeyFile: {key} is readable by group {group_name(daemon.pw_gid)}, which this "
+                   f"daemon does not run as (mode 0640); chmod 600 {key}\n")
+        assert check_config(str(path)) == Outcome(2, "", refused)
+    else:
+        daemon = pwd.getpwuid(os.geteuid())
+        refused = f"{path}: is owned by {daemon.pw_name}, not by root; chown root {path}\n"
+        assert check_config("--user", "root", str(path)) == Outcome(2, "", refused)
+
+    assert check_config("--user", daemon.pw_name, str(path)) == Outcome(0, f"{path}: OK (server, 0 peers)\n", "")
+
+
+def test_an_unknown_user_is_a_usage_error(tmp_path: Path) -> None:
+    outcome = check_config_command("--user", "no-such-user-for-tunvpn", str(tmp_path / "office.conf"))
+    assert outcome.code == 2 and "no user 'no-such-user-for-tunvpn'" in outcome.stderr
+
+
 def test_endpoint_names_are_resolved(tmp_path: Path, check_config: CheckConfig,
                                      placeholders: dict[str, str]) -> None:
     """.invalid never resolves (RFC 6761): check-config finds what the daemon would fail on."""
@@ -130,7 +161,7 @@ def test_endpoint_names_are_resolved(tmp_path: Path, check_config: CheckConfig,
 
 def test_a_parser_bug_is_one_line_and_not_success(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_loader(path: str, role: str, resolve: bool) -> None:
+    def broken_loader(path: str, role: str, resolve: bool, identity: object) -> None:
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(checkconfig, "load_config", broken_loader)
@@ -143,7 +174,7 @@ def test_a_parser_bug_is_one_line_and_not_success(tmp_path: Path, capsys: pytest
 
 def test_a_parser_bug_does_not_print_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch, placeholders: dict[str, str]) -> None:
-    def broken_loader(path: str, role: str, resolve: bool) -> None:
+    def broken_loader(path: str, role: str, resolve: bool, identity: object) -> None:
         raise KeyError(placeholders["priv"])
 
     monkeypatch.setattr(checkconfig, "load_config", broken_loader)
