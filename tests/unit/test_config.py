@@ -997,6 +997,27 @@ def test_no_error_quotes_a_key_pasted_into_any_broken_case(tmp_path: Path, keys:
     assert errors > 5000
 
 
+@pytest.mark.parametrize("lines", [
+    ("[Interface]", "PrivateKey = {value}"),
+    ("[Interface]", "PrivateKey = {priv}", "privatekey = {value}"),
+    ("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}", "PresharedKey = {value}"),
+    ("[Interface]", "PrivateKey = {priv}", "PresharedKey = {value}"),
+    ("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}", "PrivateKey = {value}"),
+    ("PresharedKey = {value}", "[Interface]"),
+    ("[Interface]", "PrivateKey {value}"),
+    ("[Interface]", "PrivateKey: {value}=x"),
+    ("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}", "presharedkey{value}=1"),
+])
+def test_no_error_quotes_the_value_of_a_secret_key_whatever_its_shape(lines: tuple[str, ...], tmp_path: Path,
+                                                                      keys: Keys) -> None:
+    """Not key-shaped, so not redacted as such: the value of a PrivateKey or PresharedKey line is never quoted."""
+    text = conf(*lines).format(value="hunter2 correct horse", **keys.placeholders())
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, str(tmp_path / "wg0.conf"), role="server")
+    assert_quotes_no_secret(caught.value, "hunter2 correct horse", encode_key(keys.private))
+    assert not any(word in str(caught.value) for word in ("hunter", "correct", "horse"))
+
+
 def test_no_error_quotes_a_key_pasted_at_random(tmp_path: Path, keys: Keys) -> None:
     """A key dropped anywhere into a valid file, amid random edits, is never quoted."""
     rng = random.Random(20261202)
