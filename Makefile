@@ -11,12 +11,25 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 APT_PACKAGES := python3 python3-venv python3-pip python3-cryptography python3-pyroute2 python3-pytest \
 	wireguard-go wireguard-tools iproute2 iputils-ping nftables procps
+# The .deb's build and lint, and the systemd-nspawn hosts its tests install it on.
+PACKAGE_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
+	systemd-container debootstrap
 
-.PHONY: test unit demo bench deps venv check-root clean
+.PHONY: test unit demo bench deps package-deps deb package-test venv check-root clean
 
-test: check-root deps venv
-	tools/run-pytest $(VENV)/bin/python $(PYTEST_ARGS)
-	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider $(PYTEST_ARGS)
+# tests/package tests the .deb on systemd hosts, not an interpreter: one run of it suffices.
+test: check-root deps venv deb
+	tools/run-pytest $(VENV)/bin/python --ignore=tests/package $(PYTEST_ARGS)
+	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider --ignore=tests/package $(PYTEST_ARGS)
+	tools/run-pytest $(VENV)/bin/python tests/package $(PYTEST_ARGS)
+
+# build/tunvpn_VERSION_all.deb, built from a clean copy of the tree and checked by lintian --pedantic.
+deb: package-deps
+	tools/build-deb
+
+# The .deb on trixie and bookworm systemd-nspawn hosts (root; builds the cached rootfs once).
+package-test: check-root deps package-deps venv
+	tools/run-pytest $(VENV)/bin/python tests/package $(PYTEST_ARGS)
 
 # An office VPN in network namespaces: server, LAN host, two clients; cleaned up at the end.
 demo: check-root deps
@@ -36,6 +49,9 @@ check-root:
 
 deps:
 	tools/ensure-deps $(APT_PACKAGES)
+
+package-deps:
+	tools/ensure-deps $(PACKAGE_APT_PACKAGES)
 
 venv: $(VENV)/.stamp
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-ROOT_DIRS = ("netns", "interop")
+ROOT_DIRS = ("netns", "interop", "package")
 
 
 def _libraries() -> dict[str, str]:

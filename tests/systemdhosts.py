@@ -70,7 +70,13 @@ HOST_PACKAGES = (
     "python3", "python3-cffi-backend", "python3-cryptography", "python3-pyroute2",
     "openssh-server", "python3-apt", "sudo",
 )
-SUPPORTED_SUITES = ("trixie", "bookworm")
+# Trixie hosts also resolve through systemd-resolved, with polkit deciding who may change its
+# settings: the package's polkit rule lets the unprivileged daemon push DNS there.
+SUITE_PACKAGES = {
+    "trixie": (*HOST_PACKAGES, "systemd-resolved", "polkitd", "libpam-systemd"),  # the last: polkitd's logind
+    "bookworm": HOST_PACKAGES,
+}
+SUPPORTED_SUITES = tuple(SUITE_PACKAGES)
 # Timers that would make a test host reach for the network or the disk for nothing.
 MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer")
 # Part of the cache key: bump it when `_prepare_rootfs` changes what it does.
@@ -144,7 +150,14 @@ class RootfsSpec:
     """What goes into one cached root file system."""
 
     suite: str
-    packages: tuple[str, ...] = HOST_PACKAGES
+    packages: tuple[str, ...]
+
+    @classmethod
+    def for_suite(cls, suite: str) -> RootfsSpec:
+        """The standard hosts of `suite`."""
+        if suite not in SUITE_PACKAGES:
+            raise HostError(f"unsupported suite {suite!r}; known: {', '.join(SUPPORTED_SUITES)}")
+        return cls(suite, SUITE_PACKAGES[suite])
 
     @property
     def key(self) -> str:
@@ -162,8 +175,6 @@ def ensure_rootfs(spec: RootfsSpec, log=print) -> Path:
     Concurrent runs wait for one another on a lock file; a build appears under its final name
     only when complete (rename), so a crashed build never passes for a cache.
     """
-    if spec.suite not in SUPPORTED_SUITES:
-        raise HostError(f"unsupported suite {spec.suite!r}; known: {', '.join(SUPPORTED_SUITES)}")
     CACHE_ROOT.mkdir(parents=True, exist_ok=True)
     with open(CACHE_ROOT / f".lock-{spec.suite}-{spec.key}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -175,8 +186,7 @@ def ensure_rootfs(spec: RootfsSpec, log=print) -> Path:
         log(f"systemdhosts: debootstrapping {spec.suite} from {mirror} into {spec.path} (once; cached)")
         started = time.monotonic()
         try:
-            _run(["debootstrap", "--variant=minbase", f"--include={','.join(spec.packages)}",
-                  spec.suite, str(building), mirror], timeout=DEBOOTSTRAP_TIMEOUT)
+            _debootstrap(spec, building, mirror)
             _prepare_rootfs(building)
             building.rename(spec.path)
         except BaseException:
@@ -184,6 +194,19 @@ def ensure_rootfs(spec: RootfsSpec, log=print) -> Path:
             raise
         log(f"systemdhosts: {spec.suite} rootfs built in {time.monotonic() - started:.0f} s")
     return spec.path
+
+
+def _debootstrap(spec: RootfsSpec, target: Path, mirror: str) -> None:
+    command = ["debootstrap", "--variant=minbase", f"--include={','.join(spec.packages)}", spec.suite,
+               str(target), mirror]
+    result = _run(command, timeout=DEBOOTSTRAP_TIMEOUT, check=False)
+    if result.returncode != 0:
+        try:  # debootstrap says little on stdout; its log in the target has dpkg's reasons
+            details = (target / "debootstrap/debootstrap.log").read_text(errors="replace")
+        except OSError:
+            details = result.stdout + result.stderr
+        raise HostError(f"`{shlex.join(command)}` failed with exit code {result.returncode}:\n"
+                        + "\n".join(details.strip().splitlines()[-15:]))
 
 
 def _prepare_rootfs(root: Path) -> None:
@@ -273,9 +296,8 @@ class SystemdHost:
               str(self.root)])
         self._mounted = True
         (self.root / "etc/hostname").write_text(f"{self.role}\n")
-        hosts = [f"127.0.0.1 localhost", f"127.0.1.1 {self.role}", "::1 localhost ip6-localhost"]
-        hosts += [f"{other.address} {other.role}" for other in self.lab.hosts.values()]
-        (self.root / "etc/hosts").write_text("\n".join(hosts) + "\n")
+        # Its own name resolves without DNS (there is none): sudo and Ansible's facts look it up.
+        (self.root / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {self.role}\n::1 localhost ip6-localhost\n")
         self.lab.netlab.connect(self.namespace, self.lab.switch,
                                 addrs=[f"{self.addresses[0]}/24", f"{self.addresses[1]}/64"])
         for cgroup in self.cgroups:
@@ -387,7 +409,7 @@ class SystemdHost:
         if self._wrapper is not None:
             self._halt()
             self._wrapper = None
-        self._kill_cgroup_members()
+        _kill_cgroup_members(self.cgroups, self.role)
         if self._mounted:
             _run(["umount", str(self.root)], check=False)
             if os.path.ismount(self.root):
@@ -411,24 +433,24 @@ class SystemdHost:
             os.killpg(self._wrapper.pid, signal.SIGKILL)
             self._wrapper.wait(timeout=5)
 
-    def _kill_cgroup_members(self) -> None:
-        """SIGKILL whatever is left in the host's cgroups (bounded wait for them to go)."""
-        def members() -> list[int]:
-            pids = []
-            for cgroup in self.cgroups:
-                for procs in cgroup.rglob("cgroup.procs") if cgroup.exists() else []:
-                    try:
-                        pids += [int(word) for word in procs.read_text().split()]
-                    except OSError:
-                        pass
-            return pids
+def _kill_cgroup_members(cgroups: Sequence[Path], what: str) -> None:
+    """SIGKILL whatever is left in a host's cgroups (bounded wait for them to go)."""
+    def members() -> list[int]:
+        pids = []
+        for cgroup in cgroups:
+            for procs in cgroup.rglob("cgroup.procs") if cgroup.exists() else []:
+                try:
+                    pids += [int(word) for word in procs.read_text().split()]
+                except OSError:
+                    pass
+        return pids
 
-        for pid in members():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_until(lambda: not members(), 10.0, what=f"{self.role}'s processes to exit")
+    for pid in members():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: not members(), 10.0, what=f"{what}'s processes to exit")
 
 
 def _remove_cgroup_tree(cgroup: Path) -> None:
@@ -443,10 +465,11 @@ def _remove_cgroup_tree(cgroup: Path) -> None:
 class SystemdLab:
     """Booted systemd hosts of one Debian suite on one switch; `close()` removes all of it."""
 
-    def __init__(self, suite: str, packages: tuple[str, ...] = HOST_PACKAGES) -> None:
-        self.spec = RootfsSpec(suite, packages)
+    def __init__(self, suite: str, packages: tuple[str, ...] | None = None) -> None:
+        """Hosts of `suite` with its standard packages, or with `packages` (another cached rootfs)."""
+        self.spec = RootfsSpec.for_suite(suite) if packages is None else RootfsSpec(suite, packages)
         self.rootfs = ensure_rootfs(self.spec)
-        _sweep_dead_runs()
+        sweep_dead_runs()
         self.netlab = netlab.Lab()
         self.short_id = self.netlab.prefix[-6:]
         self.run_dir = RUN_ROOT / self.netlab.prefix
@@ -505,22 +528,34 @@ class SystemdLab:
         self.close()
 
 
-def _sweep_dead_runs() -> None:
-    """Unmount and remove run directories of runs that died without cleaning up."""
+def sweep_dead_runs() -> None:
+    """Remove what runs that died without cleaning up left: containers, mounts, cgroups, files.
+
+    A killed test process leaves its containers running (each in a session of its own); they go
+    first, then their network namespaces (netlab's sweep).
+    """
     if not RUN_ROOT.is_dir():
         return
     for run_dir in RUN_ROOT.iterdir():
         if not netlab._creator_is_dead(f"{run_dir.name}-x"):
             continue
-        for merged in run_dir.glob("*/merged"):
-            _run(["umount", "--lazy", str(merged)], check=False)
         for host_dir in run_dir.iterdir():
-            for cgroup in _cgroup_dirs(f"{run_dir.name}-{host_dir.name}"):
-                try:
+            cgroups = _cgroup_dirs(f"{run_dir.name}-{host_dir.name}")
+            try:
+                _kill_cgroup_members(cgroups, f"dead run {run_dir.name}'s {host_dir.name}")
+                _run(["umount", "--lazy", str(host_dir / "merged")], check=False)
+                for cgroup in cgroups:
                     _remove_cgroup_tree(cgroup)
-                except OSError as exc:
-                    print(f"systemdhosts: cannot remove {cgroup} of a dead run: {exc}", file=sys.stderr)
-        shutil.rmtree(run_dir, ignore_errors=True)
+            except (OSError, LabError) as exc:
+                print(f"systemdhosts: cannot clean up {host_dir} of a dead run: {exc}", file=sys.stderr)
+                continue
+            shutil.rmtree(NSPAWN_PROPAGATE_DIR / f"{run_dir.name[-6:]}-{host_dir.name}", ignore_errors=True)
+            shutil.rmtree(host_dir, ignore_errors=True)
+        try:
+            run_dir.rmdir()
+        except OSError as exc:
+            print(f"systemdhosts: cannot remove {run_dir} of a dead run: {exc}", file=sys.stderr)
+    netlab.sweep_dead_runs()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("suites", nargs="+", choices=SUPPORTED_SUITES)
     args = parser.parse_args(argv)
     for suite in args.suites:
-        print(ensure_rootfs(RootfsSpec(suite)))
+        print(ensure_rootfs(RootfsSpec.for_suite(suite)))
     return 0
 
 
