@@ -164,8 +164,8 @@ class Client(Daemon):
                 peer.dropped["stale_config_push"] += 1  # a late answer to an older request
                 return
             self._next_request = None
-            reasons = validate_push(message)  # refused whole: half a config is worse than the one in use
-            if reasons:
+            reasons = validate_push(message, self.config.interface)
+            if reasons:  # refused whole: half a config is worse than the one in use
                 peer.dropped["invalid_config_push"] += 1
                 if self.peer_log.allow(self.server.public_key, "invalid config push", now):
                     log.warning("refused the server's config push, keeping the config in use: %s", "; ".join(reasons))

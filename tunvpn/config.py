@@ -863,8 +863,9 @@ def _check_ipv6_mtu(mtu: int, addresses: list[IPInterface]) -> None:
         raise ValueError(f"{mtu} is below {MIN_IPV6_MTU}, the minimum with an IPv6 Address")
 
 
-def validate_push(push: ConfigPush) -> list[str]:
-    """Why a client may not apply `push`: what a config file with its values would be refused for.
+def validate_push(push: ConfigPush, interface: InterfaceConfig) -> list[str]:
+    """Why a client with `interface` may not apply `push`: what a config file with its values
+    would be refused for, the MTU judged with the client's own addresses and MTU line as well.
 
     Every reason, not just the first, so one log line tells the server's admin all there is to
     fix; [] when the push is fine. Routes are not checked here: the control codec already refuses
@@ -873,9 +874,9 @@ def validate_push(push: ConfigPush) -> list[str]:
     reasons = []
     for address in push.addresses:
         reasons += _reasons("Address", _check_interface_address, address, str(address))
-    if push.mtu is not None:
-        reasons += (_reasons("MTU", _parse_int, str(push.mtu), MIN_MTU, MAX_MTU)
-                    or _reasons("MTU", _check_ipv6_mtu, push.mtu, push.addresses))
+    pushed_mtu = [] if push.mtu is None else _reasons("MTU", _parse_int, str(push.mtu), MIN_MTU, MAX_MTU)
+    mtu = push.mtu if push.mtu is not None and not interface.mtu_configured else interface.mtu
+    reasons += pushed_mtu or _reasons("MTU", _check_ipv6_mtu, mtu, [*interface.addresses, *push.addresses])
     for server in push.dns:
         reasons += _reasons("DNS", _check_dns_server, server, str(server))
     reasons += [f"DNS: {domain!r} is not a DNS search domain" for domain in push.search if not _is_dns_name(domain)]
