@@ -430,6 +430,7 @@ def _parse_dns(value: str, ctx: _Context) -> list[IPAddress | str]:
 
 
 def _check_dns_server(address: IPAddress, item: str) -> None:
+    """Queries to these would go nowhere, or to every host on the link."""
     if address.is_unspecified or address.is_multicast:
         raise ValueError(f"{item} cannot be a DNS server")
 

@@ -37,7 +37,8 @@ RESOLVED_STUB_PORT = 53
 # it has no /etc/resolvconf.conf.
 INTERFACE_ORDER = Path("/etc/resolvconf/interface-order")
 # Where the distribution installs resolvconf and resolvectl, and the only places they are looked
-# for: the daemon runs them as root, so $PATH (maybe a user's, through sudo) must not choose them.
+# for: the daemon runs them with its privileges, so $PATH (maybe a user's, through sudo) must not
+# choose them.
 SYSTEM_DIRECTORIES = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 TOOL_TIMEOUT_SECONDS = 10.0
 _LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
