@@ -14,14 +14,16 @@ APT_PACKAGES := python3 python3-venv python3-pip python3-cryptography python3-py
 # The .deb's build and lint, and the systemd-nspawn hosts its tests install it on.
 PACKAGE_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
 	systemd-container debootstrap
+# The Ansible role's tests: SSH into those hosts, and `vagrant validate` of the Vagrantfile.
+ANSIBLE_APT_PACKAGES := openssh-client vagrant
 
 .PHONY: test unit demo bench deps package-deps deb package-test venv check-root clean
 
-# tests/package tests the .deb on systemd hosts, not an interpreter: one run of it suffices.
+# tests/package and tests/ansible test the .deb on systemd hosts, not an interpreter: one run suffices.
 test: check-root deps venv deb
-	tools/run-pytest $(VENV)/bin/python --ignore=tests/package $(PYTEST_ARGS)
-	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider --ignore=tests/package $(PYTEST_ARGS)
-	tools/run-pytest $(VENV)/bin/python tests/package $(PYTEST_ARGS)
+	tools/run-pytest $(VENV)/bin/python --ignore=tests/package --ignore=tests/ansible $(PYTEST_ARGS)
+	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider --ignore=tests/package --ignore=tests/ansible $(PYTEST_ARGS)
+	tools/run-pytest $(VENV)/bin/python tests/package tests/ansible $(PYTEST_ARGS)
 
 # build/tunvpn_VERSION_all.deb, built from a clean copy of the tree and checked by lintian --pedantic.
 deb: package-deps
@@ -51,14 +53,14 @@ deps:
 	tools/ensure-deps $(APT_PACKAGES)
 
 package-deps:
-	tools/ensure-deps $(PACKAGE_APT_PACKAGES)
+	tools/ensure-deps $(PACKAGE_APT_PACKAGES) $(ANSIBLE_APT_PACKAGES)
 
 venv: $(VENV)/.stamp
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml tools/test-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q cryptography pyroute2 pytest
+	$(VENV)/bin/pip install -q -r tools/test-requirements.txt
 	touch $@
 
 clean:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-ROOT_DIRS = ("netns", "interop", "package")
+ROOT_DIRS = ("netns", "interop", "package", "ansible")
 
 
 def _libraries() -> dict[str, str]:
@@ -55,3 +55,11 @@ def lab() -> Iterator[object]:
 
     with Lab() as new_lab:
         yield new_lab
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tunvpn_VERSION_all.deb of the working tree, built once per run (so never a stale one)."""
+    from debpackage import build_deb
+
+    return build_deb(tmp_path_factory.mktemp("deb"))

@@ -503,6 +503,7 @@ class TransferResult(NamedTuple):
     sent_sha256: str
     received_sha256: str
     seconds: float  # from the receiver's accept to the sender's end of stream
+    source: str  # the sender's address as the receiver saw it (after any NAT)
 
 
 _RECEIVER = r"""
@@ -514,7 +515,7 @@ with socket.socket(family, socket.SOCK_STREAM) as server:
     server.listen(1)
     server.settimeout(timeout)
     print(server.getsockname()[1], flush=True)
-    connection, _ = server.accept()
+    connection, peer = server.accept()
     with connection:
         connection.settimeout(timeout)
         start = time.monotonic()
@@ -522,7 +523,7 @@ with socket.socket(family, socket.SOCK_STREAM) as server:
         while chunk := connection.recv(1 << 20):
             digest.update(chunk)
         seconds = time.monotonic() - start
-print(digest.hexdigest(), seconds, flush=True)
+print(digest.hexdigest(), seconds, peer[0], flush=True)
 """
 
 _SENDER = r"""
@@ -570,8 +571,8 @@ def transfer(src: Host, dst: Host, dst_addr: str, size_bytes: int, timeout: floa
         port = read_line(receiver, deadline, f"the receiver on {dst.role} to listen")
         sender = src.popen_python(_SENDER, dst_addr, port, str(size_bytes), str(timeout), **pipes)
         sent = _finish(sender, deadline, f"the sender on {src.role}")
-        received_sha, seconds = _finish(receiver, deadline, f"the receiver on {dst.role}").split()
-        return TransferResult(sent, received_sha, float(seconds))
+        received_sha, seconds, source = _finish(receiver, deadline, f"the receiver on {dst.role}").split()
+        return TransferResult(sent, received_sha, float(seconds), source)
     finally:
         for process in (sender, receiver):
             if process is not None:

@@ -1,4 +1,4 @@
-"""Fixtures of the package tests: the .deb built fresh from this tree, and its upgrade."""
+"""Fixtures of the package tests: the .deb rebuilt as a higher version, to upgrade to."""
 
 from __future__ import annotations
 
@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from deployment import build_deb
+from debpackage import build_deb
 
 UPGRADE_SUFFIX = "+upgrade1"  # sorts above the plain version, in dpkg's order as in PEP 440
-
-
-@pytest.fixture(scope="session")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tunvpn_VERSION_all.deb of the working tree (built here, so it is never a stale one)."""
-    return build_deb(tmp_path_factory.mktemp("deb"))
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from systemdhosts import HostError, SystemdHost, wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVER_TUNNEL_V4 = "203.0.113.1"
 SERVER_TUNNEL_V6 = "2001:db8:100::1"
 SERVER_PORT = 51820
@@ -25,17 +22,6 @@ APT_INSTALL = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install
 CONNECT_TIMEOUT = 30.0
 CAP_NET_ADMIN_ONLY = 1 << 12  # CapEff/CapPrm/CapBnd of a daemon holding CAP_NET_ADMIN and nothing else
 MAX_EXPOSURE = 1.7
-
-
-def build_deb(output: Path, version: str | None = None) -> Path:
-    """A fresh .deb of the working tree (optionally as another version), via tools/build-deb."""
-    command = [sys.executable, str(REPO_ROOT / "tools/build-deb"), "--output", str(output), "--no-lintian"]
-    if version:
-        command += ["--version", version]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        raise HostError(f"tools/build-deb failed: {result.stderr.strip()[-3000:]}")
-    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def install(host: SystemdHost, deb: Path) -> None:
