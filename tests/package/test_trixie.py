@@ -106,6 +106,26 @@ def test_pushed_dns_reaches_resolved_through_the_polkit_rule(office: Office) -> 
         assert host.run(["resolvectl", "domain", device]).stdout.split()[-1] == PUSHED_DNS_DOMAIN
 
 
+def test_full_tunnel_works_with_src_valid_mark_set_beforehand(office: Office, deb: Path) -> None:
+    """The unit may not write kernel settings; with the sysctl the docs prescribe, no need to."""
+    dave = office.lab.add_host("dave")
+    install(dave, deb)
+    dave.put_file("/etc/sysctl.d/60-tunvpn.conf", "net.ipv4.conf.all.src_valid_mark = 1\n")
+    dave.run(["sysctl", "-q", "-p", "/etc/sysctl.d/60-tunvpn.conf"])  # systemd-sysctl does it at boot
+    office.client_keys.append(make_key(dave, "office"))
+    full_tunnel = client_config("office", office.server_key, office.server) + "AllowedIPs = 0.0.0.0/0, ::/0\n"
+    write_config(dave, "office", full_tunnel)
+    write_config(office.server, "office", server_config("office", office.client_keys))
+    office.server.run(["systemctl", "reload", SERVER_UNIT])
+    dave.run(["systemctl", "enable", "--now", "tunvpn-client@office.service"])
+    tunnel_address(dave, "office")
+    wait_for_ping(dave, SERVER_TUNNEL_V4)
+    assert "lookup 51820" in dave.run(["ip", "-4", "rule"]).stdout
+    assert "lookup 51820" in dave.run(["ip", "-6", "rule"]).stdout
+    journal = dave.run(["journalctl", "-u", "tunvpn-client@office", "-o", "cat", "--no-pager"]).stdout
+    assert "full tunnel: IPv4 and IPv6 default route" in journal, journal
+
+
 def test_daemons_run_as_tunvpn_with_cap_net_admin_only(office: Office) -> None:
     for host, unit in [(office.server, SERVER_UNIT), *((h, office.client_unit(r)) for r, h in office.clients.items())]:
         pid = main_pid(host, unit)
