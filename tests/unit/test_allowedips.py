@@ -133,6 +133,26 @@ def test_remove_owner(table: AllowedIPs[Owner]) -> None:
     table.remove_owner(A)  # removing an owner with nothing left is harmless
 
 
+def test_a_moved_prefix_stays_with_its_new_owner_when_the_old_one_goes() -> None:
+    t: AllowedIPs[Owner] = AllowedIPs()
+    t.insert("192.0.2.0/24", A)
+    t.insert("2001:db8::/32", A)
+    t.insert("192.0.2.0/24", B)
+    assert t.networks_of(A) == [ipaddress.ip_network("2001:db8::/32")]
+    t.remove_owner(A)
+    assert t.lookup(packed("192.0.2.1")) is B
+    assert t.networks_of(B) == [ipaddress.ip_network("192.0.2.0/24")]
+
+
+def test_removing_every_owner_leaves_nothing_behind(table: AllowedIPs[Owner]) -> None:
+    """The per-owner lists are an index into the tables: neither may keep what the other lost."""
+    table.insert("192.0.2.0/24", C)  # moved from B
+    for owner in (A, B, C, D, E):
+        table.remove_owner(owner)
+    for family in (table._v4, table._v6):
+        assert family.tables == {} and family.owned == {} and family.lengths == ()
+
+
 def test_networks_of_lists_both_families_sorted(table: AllowedIPs[Owner]) -> None:
     assert table.networks_of(B) == [ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")]
     assert table.networks_of(A) == [ipaddress.ip_network("0.0.0.0/0")]
@@ -200,6 +220,8 @@ def test_random_prefixes_against_the_brute_force_model(seed: int) -> None:
             bits = rng.choice([32, 128])
             address = _random_address(rng, bits, near[bits])
             assert table.lookup(address.packed) is model.lookup(address), (seed, address)
+        owner = rng.choice(owners)
+        assert table.networks_of(owner) == model.networks_of(owner)
     for owner in owners:
         assert table.networks_of(owner) == model.networks_of(owner)
     assert peak > 100  # the table really held many prefixes

@@ -4,34 +4,53 @@ Prefixes are kept in one dict per prefix length, keyed by the masked
 network as an integer.  A lookup tries the lengths in use from longest to
 shortest, so its cost is the number of distinct prefix lengths (a handful in
 practice), with no per-bit tree walk in Python.
+
+Each owner also has the list of its own prefixes (as wireguard-go keeps one
+per peer), so listing or removing one peer's prefixes costs what that peer
+has, not what the whole table holds: a server with thousands of peers
+reloads and reports without scanning every prefix per peer.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
-T = TypeVar("T")
+Owner = TypeVar("Owner")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class _Family(Generic[T]):
-    __slots__ = ("bits", "tables", "lengths")
+class _Family(Generic[Owner]):
+    __slots__ = ("bits", "tables", "lengths", "owned")
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-        self.tables: dict[int, dict[int, T]] = {}
+        self.tables: dict[int, dict[int, Owner]] = {}  # prefix length -> masked network >> host bits -> owner
         self.lengths: tuple[int, ...] = ()  # longest first
+        self.owned: dict[Owner, set[tuple[int, int]]] = {}  # owner -> its (prefix length, key) entries
 
-    def insert(self, network: int, prefixlen: int, owner: T) -> None:
+    def insert(self, network: int, prefixlen: int, owner: Owner) -> None:
         table = self.tables.get(prefixlen)
         if table is None:
             table = self.tables[prefixlen] = {}
             self.lengths = tuple(sorted(self.tables, reverse=True))
-        table[network >> (self.bits - prefixlen)] = owner
+        key = network >> (self.bits - prefixlen)
+        entry = (prefixlen, key)
+        previous = table.get(key)
+        if previous is not None and previous is not owner:
+            self._disown(previous, entry)
+        table[key] = owner
+        self.owned.setdefault(owner, set()).add(entry)
 
-    def lookup(self, address: int) -> T | None:
+    def _disown(self, owner: Owner, entry: tuple[int, int]) -> None:
+        entries = self.owned[owner]
+        entries.discard(entry)
+        if not entries:
+            del self.owned[owner]
+
+    def lookup(self, address: int) -> Owner | None:
+        # Locals, not attributes, inside the loop: this runs for every packet in both directions.
         bits = self.bits
         tables = self.tables
         for prefixlen in self.lengths:
@@ -40,44 +59,49 @@ class _Family(Generic[T]):
                 return owner
         return None
 
-    def remove_owner(self, owner: T) -> None:
-        for prefixlen in list(self.tables):
+    def remove_owner(self, owner: Owner) -> None:
+        emptied = False
+        for prefixlen, key in self.owned.pop(owner, ()):
             table = self.tables[prefixlen]
-            for key in [k for k, v in table.items() if v is owner]:
-                del table[key]
+            del table[key]
             if not table:
                 del self.tables[prefixlen]
-        self.lengths = tuple(sorted(self.tables, reverse=True))
+                emptied = True
+        if emptied:
+            self.lengths = tuple(sorted(self.tables, reverse=True))
 
-    def entries(self) -> Iterator[tuple[int, int, T]]:
-        for prefixlen, table in self.tables.items():
-            for key, owner in table.items():
-                yield key << (self.bits - prefixlen) if prefixlen else 0, prefixlen, owner
+    def networks_of(self, owner: Owner) -> list[tuple[int, int]]:
+        """(network, prefix length) of each of the owner's prefixes."""
+        bits = self.bits
+        return [(key << (bits - prefixlen), prefixlen) for prefixlen, key in self.owned.get(owner, ())]
 
 
-class AllowedIPs(Generic[T]):
-    """A prefix inserted twice belongs to the last owner, as with `wg set`."""
+class AllowedIPs(Generic[Owner]):
+    """A prefix inserted twice belongs to the last owner, as with `wg set`.
+
+    Owners are told apart by hash and equality (peers: by identity)."""
 
     def __init__(self) -> None:
-        self._v4: _Family[T] = _Family(32)
-        self._v6: _Family[T] = _Family(128)
+        self._v4: _Family[Owner] = _Family(32)
+        self._v6: _Family[Owner] = _Family(128)
 
-    def insert(self, network: IPNetwork | str, owner: T) -> None:
+    def insert(self, network: IPNetwork | str, owner: Owner) -> None:
         net = ipaddress.ip_network(network, strict=False)
         family = self._v4 if net.version == 4 else self._v6
         family.insert(int(net.network_address), net.prefixlen, owner)
 
-    def remove_owner(self, owner: T) -> None:
+    def remove_owner(self, owner: Owner) -> None:
+        """Forget every prefix of `owner`: O(its prefixes)."""
         self._v4.remove_owner(owner)
         self._v6.remove_owner(owner)
 
-    def lookup_v4(self, address: bytes) -> T | None:
+    def lookup_v4(self, address: bytes) -> Owner | None:
         return self._v4.lookup(int.from_bytes(address, "big"))
 
-    def lookup_v6(self, address: bytes) -> T | None:
+    def lookup_v6(self, address: bytes) -> Owner | None:
         return self._v6.lookup(int.from_bytes(address, "big"))
 
-    def lookup(self, address: bytes) -> T | None:
+    def lookup(self, address: bytes) -> Owner | None:
         """Owner of a 4- or 16-byte packed address."""
         if len(address) == 4:
             return self.lookup_v4(address)
@@ -85,10 +109,8 @@ class AllowedIPs(Generic[T]):
             return self.lookup_v6(address)
         return None
 
-    def networks_of(self, owner: T) -> list[IPNetwork]:
-        found: list[IPNetwork] = []
-        for family, factory in ((self._v4, ipaddress.IPv4Network), (self._v6, ipaddress.IPv6Network)):
-            for network, prefixlen, entry_owner in family.entries():
-                if entry_owner is owner:
-                    found.append(factory((network, prefixlen)))
-        return sorted(found, key=lambda n: (n.version, n.network_address, n.prefixlen))
+    def networks_of(self, owner: Owner) -> list[IPNetwork]:
+        """The owner's prefixes, IPv4 first, each family by address: O(its prefixes)."""
+        found: list[IPNetwork] = [ipaddress.IPv4Network(entry) for entry in sorted(self._v4.networks_of(owner))]
+        found += [ipaddress.IPv6Network(entry) for entry in sorted(self._v6.networks_of(owner))]
+        return found
