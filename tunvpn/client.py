@@ -44,7 +44,7 @@ class Client(Daemon):
         self._applied_routes: list[IPNetwork] = []
         self._full_tunnel: set[int] = set()  # IP versions whose default route goes into the tunnel
         self.dns: DnsManager | None = None
-        self._dns_applied: tuple[list[str], list[str]] | None = None
+        self._dns_wanted: tuple[list[str], list[str]] | None = None  # what we last asked the helpers for
         for peer in config.peers:
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address, **self.peer_device_settings(peer))
 
@@ -95,8 +95,7 @@ class Client(Daemon):
         return min(deadlines) if deadlines else None
 
     def say_goodbye(self, now: float) -> None:
-        peer = self.device.peers.get(self.server.public_key)
-        if peer is not None and peer.keypairs.current is not None and self.mode == "pushed":
+        if self.mode == "pushed" and self.device.has_session(self.server.public_key):
             self.device.send_to_peer(self.server.public_key, [control.encode(control.Goodbye("client stopping"))], now)
         self._revert_dns()
 
@@ -151,22 +150,22 @@ class Client(Daemon):
                       self.config.path, missing)
 
     def _handle_control(self, payload: bytes, now: float) -> None:
-        peer = self.device.peers[self.server.public_key]
+        server = self.server.public_key
         try:
             message = control.decode(payload)
         except control.ControlError as exc:
-            peer.dropped["bad_control_message"] += 1
+            self.device.count_drop(server, "bad_control_message")
             if self.peer_log.allow(self.server.public_key, "malformed control message", now):
                 log.warning("server sent a malformed control message: %s", exc)
             return
         if isinstance(message, control.ConfigPush):
             if message.request_id not in (0, self._request_id):
-                peer.dropped["stale_config_push"] += 1  # a late answer to an older request
+                self.device.count_drop(server, "stale_config_push")  # a late answer to an older request
                 return
             self._next_request = None
             reasons = validate_push(message, self.config.interface)
             if reasons:  # refused whole: half a config is worse than the one in use
-                peer.dropped["invalid_config_push"] += 1
+                self.device.count_drop(server, "invalid_config_push")
                 if self.peer_log.allow(self.server.public_key, "invalid config push", now):
                     log.warning("refused the server's config push, keeping the config in use: %s", "; ".join(reasons))
                 return
@@ -183,7 +182,7 @@ class Client(Daemon):
             self._backoff_step = 0
             self._schedule_reconnect(now, reresolve=False)
         elif message is None:
-            peer.dropped["ignored_control_message"] += 1
+            self.device.count_drop(server, "ignored_control_message")
 
     # --- applying a push --------------------------------------------------------------------------
 
@@ -200,7 +199,7 @@ class Client(Daemon):
         self._set_pushed_addresses(wanted)
         if push.mtu and not interface.mtu_configured and push.mtu != self.device.mtu:
             if self.apply_or_report(f"pushed MTU {push.mtu}", lambda: self.link.set_mtu(push.mtu)):
-                self.device.mtu = push.mtu
+                self.device.set_mtu(push.mtu)
         self._applied_routes = list(push.routes)
         self._install_server_peer()
         routes = self._wanted_routes()
@@ -257,32 +256,29 @@ class Client(Daemon):
                  " and IPv".join(map(str, families)), self.tun.name, FULL_TUNNEL_MARK)
 
     def _apply_dns(self, servers: list, search: list[str]) -> None:
-        """Apply DNS settings (replacing ones we applied before); reverted on any exit."""
+        """Make these the tun's DNS settings (replacing earlier ones); reverted on any exit.
+
+        resolvectl and resolvconf run on the system worker, one change at a time, so `self.dns`
+        is only ever used from there; a change queued behind another replaces it.
+        """
         wanted = ([str(server) for server in servers], list(search))
-        if wanted == self._dns_applied:
+        if wanted == self._dns_wanted:
             return
-        self._revert_dns()
-        if not any(wanted):
-            return
+        self._dns_wanted = wanted
         if self.dns is None:
+            self.dns = DnsManager(self.tun.name)
             self.cleanup.callback(self._revert_dns)
-        self.dns = DnsManager(self.tun.name)
-        try:
-            log.info("dns: %s", self.dns.apply(*wanted, exclusive=bool(self._full_tunnel)))
-            self._dns_applied = wanted
-        except DnsError as exc:
-            log.warning("dns: could not apply %s: %s", ", ".join(wanted[0] + wanted[1]), exc)
+        dns, exclusive = self.dns, bool(self._full_tunnel)
+        self.system.submit("applying DNS settings", lambda: dns.apply(*wanted, exclusive=exclusive),
+                           lambda summary, error: _log_dns("apply", wanted, summary, error), key="dns")
 
     def _revert_dns(self) -> None:
-        """Take our DNS settings back; a helper that fails is logged, never fatal (it runs on
-        every push that changes DNS and at shutdown)."""
-        applied, self._dns_applied = self._dns_applied, None
-        if self.dns is None or applied is None:
+        """Take our DNS settings back (at shutdown); a failing helper is logged, never fatal."""
+        wanted, self._dns_wanted = self._dns_wanted, None
+        if self.dns is None or wanted is None:
             return
-        try:
-            self.dns.revert()
-        except DnsError as exc:
-            log.warning("dns: could not revert %s: %s", ", ".join(applied[0] + applied[1]), exc)
+        self.system.submit("reverting DNS settings", self.dns.revert,
+                           lambda _, error: _log_dns("revert", wanted, None, error), key="dns")
 
     # --- reconnecting ----------------------------------------------------------------------------
 
@@ -295,8 +291,7 @@ class Client(Daemon):
 
     def _reconnect(self, now: float) -> None:
         self._reconnect_at = None
-        peer = self.device.peers[self.server.public_key]
-        if peer.keypairs.current is None:
+        if not self.device.has_session(self.server.public_key):
             self.device.initiate(self.server.public_key, now)
             self._schedule_reconnect(now, reresolve=False)
 
@@ -310,13 +305,16 @@ class Client(Daemon):
             return  # a literal address never moves
         except ValueError:
             pass
-        try:
-            address = resolve_endpoint(host, port)
-        except OSError as exc:  # socket.gaierror included
-            log.warning("cannot resolve the server's endpoint %s: %s", host, exc)
+        self.resolver.submit(f"resolving {host}", lambda: resolve_endpoint(host, port),
+                             lambda address, error: self._resolved(host, address, error), key="reresolve")
+
+    def _resolved(self, host: str, address: tuple | None, error: BaseException | None) -> None:
+        if isinstance(error, OSError):  # socket.gaierror included
+            log.warning("cannot resolve the server's endpoint %s: %s", host, error)
             return
-        peer = self.device.peers[self.server.public_key]
-        if address != peer.endpoint:
+        if error is not None:
+            raise error
+        if address != self.device.peer_stats(self.server.public_key).endpoint:
             log.info("server endpoint %s now resolves to %s", host, address[0])
             self.device.set_endpoint(self.server.public_key, address)
 
@@ -345,3 +343,12 @@ def _same_push(a: control.ConfigPush, b: control.ConfigPush) -> bool:
     """Two pushes that differ only in the request id they answer."""
     return (a.addresses, a.routes, a.dns, a.search, a.mtu, a.keepalive) == (
         b.addresses, b.routes, b.dns, b.search, b.mtu, b.keepalive)
+
+
+def _log_dns(action: str, wanted: tuple[list[str], list[str]], summary: str | None, error: BaseException | None) -> None:
+    if isinstance(error, DnsError):
+        log.warning("dns: could not %s %s: %s", action, ", ".join(wanted[0] + wanted[1]), error)
+    elif error is not None:
+        raise error
+    elif summary:
+        log.info("dns: %s", summary)

@@ -21,6 +21,7 @@ from typing import Callable
 from .config import Config, ConfigError, PeerConfig, load_config
 from .io.controlsocket import ControlServer
 from .io.loop import EventLoop, Faults
+from .io.worker import InlineWorker, Worker
 from .io.netlink import LinkSetup, NetlinkError
 from .io.systemd import Notifier
 from .io.tun import TunDevice
@@ -107,12 +108,17 @@ class Daemon:
         self.options = options
         self.notifier = Notifier.from_environment()
         self.device = self.build_device()
+        self.device.set_control_messages(True)  # both roles speak tunvpn's control extension
         self._watchdog_interval = self.notifier.watchdog_interval()
         self._next_watchdog = 0.0
         self._routes: list[IPNetwork] = []  # the routes into the tun the config asks for
         self.refused: dict[str, str] = {}  # system changes the kernel refused: what -> why and what to do
         self.faults = Faults()
         self.peer_log = PeerLogLimit()
+        # Blocking work: name resolution (slow resolvers) on one thread, disk and helper
+        # programs on another.  Inline until the loop runs.
+        self.resolver: Worker | InlineWorker = InlineWorker()
+        self.system: Worker | InlineWorker = InlineWorker()
         self.udp: UdpTransport
         self.tun: TunDevice
         self.link: LinkSetup
@@ -151,8 +157,9 @@ class Daemon:
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
-        established = sum(1 for peer in self.device.peers.values() if peer.keypairs.current is not None)
-        line = f"{established} of {len(self.device.peers)} peers connected"
+        keys = self.device.peer_keys()
+        established = sum(1 for key in keys if self.device.has_session(key))
+        line = f"{established} of {len(keys)} peers connected"
         if self.refused:
             line += f"; {len(self.refused)} setting(s) refused by the kernel, see tunvpn show"
         return line
@@ -230,8 +237,10 @@ class Daemon:
             cleanup.callback(self.link.undo)
             control = ControlServer(str(self.control_socket_path), self.handle_request)
             cleanup.callback(control.close)
-            self.loop = EventLoop(self.device, self.tun, self.udp, on_event=self._on_event,
-                                  on_tick=self._on_tick, services=(control,), faults=self.faults)
+            self.resolver, self.system = Worker("resolver"), Worker("system")
+            cleanup.callback(self._stop_workers)
+            self.loop = EventLoop(self.device, self.tun, self.udp, on_event=self._on_event, on_tick=self._on_tick,
+                                  services=(control, self.resolver, self.system), faults=self.faults)
             self.loop.signal_handlers[signal.SIGHUP] = self.reload
             self.loop.signal_handlers[signal.SIGUSR2] = self.log_statistics
             cleanup.callback(self.loop.close)
@@ -242,16 +251,23 @@ class Daemon:
             self.configure_link()
             log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s)",
                      self.role, self.config.name, self.tun.name, self.udp.port,
-                     encode_key(self.device.public_key), len(self.device.peers))
+                     encode_key(self.device.public_key), len(self.device.peer_keys()))
             self.started(time.monotonic())
             self.notifier.ready()
             self.notifier.status(self.summary())
             self.loop.run()
             log.info("stopping on signal %d", self.loop.stop_signal)
             self.notifier.stopping()
+            self._stop_workers()  # queued saves and DNS changes finish; what follows runs inline
             self.say_goodbye(time.monotonic())
             self.loop.flush()
         return 0
+
+    def _stop_workers(self) -> None:
+        for worker in (self.resolver, self.system):
+            if isinstance(worker, Worker):
+                worker.close()
+        self.resolver, self.system = InlineWorker(), InlineWorker()
 
     def _on_event(self, event: Event) -> None:
         now = time.monotonic()
@@ -271,12 +287,19 @@ class Daemon:
         return deadline
 
     def reload(self) -> None:
-        """SIGHUP: apply the config file again; a broken one is logged and the running one stays."""
-        try:
-            new = load_config(self.config.path, role=self.role)
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc)
+        """SIGHUP: read and resolve the config file beside the loop, then apply it on the loop."""
+        path, role = self.config.path, self.role
+        self.resolver.submit(f"reloading {path}", lambda: load_config(path, role=role), self._apply_loaded_config,
+                             key="reload")
+
+    def _apply_loaded_config(self, new: Config | None, error: BaseException | None) -> None:
+        """A broken file is logged and the running config stays."""
+        if isinstance(error, ConfigError):
+            log.error("reload refused, keeping the running config: %s", error)
             return
+        if error is not None:
+            raise error
+        assert new is not None
         changed = {name: key for name, key in RESTART_SETTINGS.items()
                    if getattr(new.interface, name) != getattr(self.config.interface, name)}
         if "addresses" in changed:
@@ -312,8 +335,9 @@ class Daemon:
 
     def status(self) -> dict:
         peers = []
-        for peer in self.device.peers.values():
-            allowed = self.device.allowed_ips_of(peer.public_key)
+        for key in self.device.peer_keys():
+            peer = self.device.peer_stats(key)
+            allowed = peer.allowed_ips
             hosts = [net.network_address for net in allowed if net.prefixlen == net.max_prefixlen]
             v4 = [str(a) for a in hosts if a.version == 4]
             peers.append({
@@ -322,7 +346,7 @@ class Daemon:
                 "allowed_ips": [str(net) for net in allowed],
                 "address": v4[0] if v4 else (str(hosts[0]) if hosts else None),
                 "addresses": [str(a) for a in hosts],
-                "latest_handshake": None if peer.last_handshake_wall is None else int(peer.last_handshake_wall),
+                "latest_handshake": None if peer.latest_handshake is None else int(peer.latest_handshake),
                 "rx_bytes": peer.rx_bytes,
                 "tx_bytes": peer.tx_bytes,
                 "rx_packets": peer.rx_packets,
@@ -339,7 +363,7 @@ class Daemon:
             "listen_port": self.udp.port,
             "addresses": [str(a) for a in self.current_addresses()],
             "mtu": self.device.mtu,
-            "dropped": dict(self.device.dropped) | {f"udp_{k}": v for k, v in self.udp.errors.items()}
+            "dropped": self.device.drops() | {f"udp_{k}": v for k, v in self.udp.errors.items()}
             | ({"tun_write_errors": self.tun.write_errors} if self.tun.write_errors else {}),
             "refused": dict(self.refused),
             "internal_errors": dict(self.faults.counts),
@@ -366,14 +390,15 @@ class Daemon:
     def log_statistics(self) -> None:
         """SIGUSR2, as with OpenVPN: one line per peer and one for what was dropped."""
         wall_now = time.time()
-        for peer in self.device.peers.values():
-            handshake = "never" if peer.last_handshake_wall is None else f"{wall_now - peer.last_handshake_wall:.0f}s ago"
+        for key in self.device.peer_keys():
+            peer = self.device.peer_stats(key)
+            handshake = "never" if peer.latest_handshake is None else f"{wall_now - peer.latest_handshake:.0f}s ago"
             log.info(
                 "peer %s: endpoint %s, handshake %s, rx %d B / %d pkts, tx %d B / %d pkts, dropped %s",
                 short_key(peer.public_key), format_endpoint(peer.endpoint), handshake,
                 peer.rx_bytes, peer.rx_packets, peer.tx_bytes, peer.tx_packets, _counts(peer.dropped),
             )
-        log.info("device: dropped %s; udp errors %s; tun write errors %d", _counts(self.device.dropped),
+        log.info("device: dropped %s; udp errors %s; tun write errors %d", _counts(self.device.drops()),
                  _counts(self.udp.errors), self.tun.write_errors)
 
 

@@ -220,6 +220,10 @@ class AddressPool:
     def leases(self) -> dict[bytes, Lease]:
         return dict(self._leases)
 
+    def lease_of(self, public_key: bytes) -> Lease | None:
+        """This key's lease, if it has one, without copying the table (a config request's lookup)."""
+        return self._leases.get(public_key)
+
     def restore(self, leases: Mapping[bytes, Lease]) -> list[str]:
         """Adopt persisted leases; return one warning per address that no longer fits.
 

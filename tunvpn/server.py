@@ -11,7 +11,7 @@ from .daemon import Daemon, IPNetwork, Options, refused_note, short_key
 from .pool import AddressPool, Lease, PoolExhausted
 from .protocol import control
 from .protocol.device import ControlReceived, Device, EndpointChanged, Event
-from .state import StateStore, endpoint_from_text, endpoint_to_text
+from .state import State, StateStore, endpoint_from_text, endpoint_to_text
 
 log = logging.getLogger("tunvpn")
 
@@ -29,6 +29,7 @@ class Server(Daemon):
         for problem in self.store.problems:
             log.warning("state: %s", problem)
         self._save_at: float | None = None
+        self._configured = {peer.public_key: peer for peer in config.peers}
         self.pool = self._build_pool(config, self.state.leases)
         self.tunvpn_peers: set[bytes] = set()
         self._last_request: dict[bytes, float] = {}
@@ -69,10 +70,10 @@ class Server(Daemon):
         """The families a peer takes from the pool: those without a fixed address."""
         return [version for version in pool.subnets if fixed is None or fixed.get(version) is None]
 
-    def _peer_addresses(self, public_key: bytes, allowed_ips, leases: dict[bytes, Lease] | None = None) -> list:
+    def _peer_addresses(self, public_key: bytes, allowed_ips) -> list:
         """A peer's tunnel addresses: fixed ones from its AllowedIPs, the rest from its lease."""
         fixed = self.pool.fixed_lease(allowed_ips)
-        lease = (self.pool.leases() if leases is None else leases).get(public_key)
+        lease = self.pool.lease_of(public_key)
         addresses = list(fixed.addresses) if fixed is not None else []
         if lease is not None:
             addresses += [lease.get(v) for v in self._pool_families(self.pool, fixed) if lease.get(v) is not None]
@@ -80,9 +81,8 @@ class Server(Daemon):
 
     def _sync_peers(self, peers, endpoints: bool) -> None:
         """Install peers in the device with their config plus their leased addresses; sessions survive."""
-        leases = self.pool.leases()
         for peer in peers:
-            addresses = self._peer_addresses(peer.public_key, peer.allowed_ips, leases)
+            addresses = self._peer_addresses(peer.public_key, peer.allowed_ips)
             leased = [ipaddress.ip_network(a.ip) for a in addresses if ipaddress.ip_network(a.ip) not in peer.allowed_ips]
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address if endpoints else None,
                                  **self.peer_device_settings(peer, leased))
@@ -93,16 +93,16 @@ class Server(Daemon):
         Leases of removed peers are kept (a peer added back gets its old address) until the
         pool needs them: then they go one at a time, in the pool's order.
         """
-        configured = {peer.public_key for peer in self.config.peers}
         while True:
             try:
                 return self.pool.lease(public_key, families)
             except PoolExhausted:
-                stale = next((key for key, lease in self.pool.leases().items() if key not in configured
+                stale = next((key for key, lease in self.pool.leases().items() if key not in self._configured
                               and any(lease.get(version) for version in families)), None)
                 if stale is None:
                     raise
                 self.pool.release(stale)
+                self.state.leases.pop(stale, None)
                 self.state.endpoints.pop(stale, None)
                 log.info("reclaimed the address of removed peer %s", short_key(stale))
 
@@ -115,19 +115,16 @@ class Server(Daemon):
         return [net for peer in peers for net in peer.allowed_ips
                 if not any(net.version == s.version and net.subnet_of(s) for s in subnets)]
 
-    def _config_peer(self, public_key: bytes):
-        return next(peer for peer in self.config.peers if peer.public_key == public_key)
-
     def _addresses_for(self, public_key: bytes) -> list:
         """What to push as the client's address: its fixed address, else a pool lease."""
-        peer = self._config_peer(public_key)
+        peer = self._configured[public_key]
         fixed = self.pool.fixed_lease(peer.allowed_ips)
         families = self._pool_families(self.pool, fixed)
         if families:
-            before = self.pool.leases().get(public_key)
+            before = self.pool.lease_of(public_key)
             lease = self._lease(public_key, families)
             if lease != before:
-                self.state.leases = self.pool.leases()
+                self.state.leases[public_key] = lease
                 self._schedule_save(0.0)
                 for address in lease.addresses:
                     self.device.add_allowed_ip(public_key, ipaddress.ip_network(address.ip))
@@ -138,8 +135,9 @@ class Server(Daemon):
 
     def build_device(self) -> Device:
         interface = self.config.interface
-        return Device(interface.private_key, mtu=interface.mtu, load_threshold=self.options.load_threshold,
-                      forward_between_peers=bool(interface.client_to_client))
+        device = Device(interface.private_key, mtu=interface.mtu, load_threshold=self.options.load_threshold)
+        device.set_forwarding(bool(interface.client_to_client))
+        return device
 
     def configure_link(self) -> None:
         interface = self.config.interface
@@ -151,10 +149,9 @@ class Server(Daemon):
     def started(self, now: float) -> None:
         """Initiate to every client's last endpoint, so clients recover at once after a restart."""
         for public_key, text in self.state.endpoints.items():
-            peer = self.device.peers.get(public_key)
-            if peer is None:
+            if not self.device.has_peer(public_key):
                 continue
-            if peer.endpoint is None:
+            if self.device.peer_stats(public_key).endpoint is None:
                 self.device.set_endpoint(public_key, endpoint_from_text(text))
             self.device.initiate(public_key, now)
             log.info("peer %s: initiating to its last endpoint %s", short_key(public_key), text)
@@ -174,8 +171,7 @@ class Server(Daemon):
     def say_goodbye(self, now: float) -> None:
         goodbye = control.encode(control.Goodbye("server shutting down"))
         for public_key in self.tunvpn_peers:
-            peer = self.device.peers.get(public_key)
-            if peer is not None and peer.keypairs.current is not None:
+            if self.device.has_peer(public_key) and self.device.has_session(public_key):
                 self.device.send_to_peer(public_key, [goodbye], now)
         if self._save_at is not None:
             self._save()
@@ -193,31 +189,35 @@ class Server(Daemon):
             self._save_at = at
 
     def _save(self) -> None:
+        """Write a copy of the state beside the loop (fsyncs are slow); a newer save replaces a queued one."""
         self._save_at = None
-        try:
-            self.store.save(self.state)
-        except OSError as exc:
-            log.error("cannot save state in %s: %s", self.state_directory, exc.strerror or exc)
+        snapshot = State(dict(self.state.leases), dict(self.state.endpoints))
+        self.system.submit("saving state", lambda: self.store.save(snapshot), self._saved, key="state")
+
+    def _saved(self, written: bool | None, error: BaseException | None) -> None:
+        if isinstance(error, OSError):
+            log.error("cannot save state in %s: %s", self.state_directory, error.strerror or error)
+        elif error is not None:
+            raise error
 
     # --- the control extension -------------------------------------------------------------
 
     def _handle_control(self, public_key: bytes, payload: bytes, now: float) -> None:
-        peer = self.device.peers.get(public_key)
-        if peer is None:
+        if not self.device.has_peer(public_key):
             return
         try:
             message = control.decode(payload)
         except control.ControlError as exc:
-            peer.dropped["bad_control_message"] += 1
+            self.device.count_drop(public_key, "bad_control_message")
             if self.peer_log.allow(public_key, "bad control message", now):
                 log.debug("peer %s: bad control message: %s", short_key(public_key), exc)
             return
         if message is None:
-            peer.dropped["ignored_control_message"] += 1
+            self.device.count_drop(public_key, "ignored_control_message")
         elif isinstance(message, control.ConfigRequest):
             last = self._last_request.get(public_key)
             if last is not None and now - last < REQUESTS_PER_PEER_INTERVAL:
-                peer.dropped["control_rate_limited"] += 1
+                self.device.count_drop(public_key, "control_rate_limited")
                 return
             self._last_request[public_key] = now
             self.tunvpn_peers.add(public_key)
@@ -227,7 +227,7 @@ class Server(Daemon):
                 log.info("peer %s: said goodbye (%s)", short_key(public_key), message.reason or "no reason")
             self.device.drop_sessions(public_key)
         else:
-            peer.dropped["unexpected_control_message"] += 1
+            self.device.count_drop(public_key, "unexpected_control_message")
 
     def _encoded_answer(self, public_key: bytes, request_id: int) -> bytes:
         answer = self._answer(public_key, request_id)
@@ -254,36 +254,33 @@ class Server(Daemon):
             keepalive=interface.push_keepalive,
         )
 
-    def _tunvpn_addresses(self) -> dict[bytes, list]:
-        """The current addresses of the clients that speak the control extension."""
-        configured = {peer.public_key: peer for peer in self.config.peers}
-        return {key: self._peer_addresses(key, configured[key].allowed_ips)
-                for key in self.tunvpn_peers if key in configured}
-
     # --- reload ---------------------------------------------------------------------------------
 
     def apply_reload(self, new: Config, now: float) -> None:
+        """Apply what changed: the device work is O(added + changed + moved peers)."""
         added, removed, changed = self.diff_peers(new)
         old_push = _push_settings(self.config)
-        old_addresses = self._tunvpn_addresses()
+        old_leases = self.pool.leases()
         self.config = new
-        self.pool = self._build_pool(new, self.pool.leases())
-        self.device.forward_between_peers = bool(new.interface.client_to_client)
+        self._configured = {peer.public_key: peer for peer in new.peers}
+        self.pool = self._build_pool(new, old_leases)
+        new_leases = self.pool.leases()
+        self.device.set_forwarding(bool(new.interface.client_to_client))
         for public_key in removed:
             self.device.remove_peer(public_key)
             self.tunvpn_peers.discard(public_key)
             self._last_request.pop(public_key, None)
-        # Every peer again: a lease moved by the new pool must reach cryptokey routing too.
-        self._sync_peers(new.peers, endpoints=True)
+        # A lease the new pool moved (a changed Pool, a new fixed address) must reach cryptokey
+        # routing too, and its client must be told now, or its traffic is dropped until it asks.
+        moved = {key for key in self._configured if old_leases.get(key) != new_leases.get(key)}
+        touched = moved | {peer.public_key for peer in (*added, *changed)}
+        self._sync_peers([self._configured[key] for key in touched], endpoints=True)
         self.set_routes(self._routed_outside_subnets(new.peers))
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
                  len(changed), refused_note(self.refused))
         settings_changed = _push_settings(new) != old_push
-        for public_key, addresses in self._tunvpn_addresses().items():
-            # A changed Pool or a new fixed address moves a client: tell it now, or its
-            # traffic from the old address is dropped until it asks again.
-            if settings_changed or addresses != old_addresses.get(public_key):
-                self.device.send_to_peer(public_key, [self._encoded_answer(public_key, 0)], now)
+        for public_key in self.tunvpn_peers if settings_changed else self.tunvpn_peers & touched:
+            self.device.send_to_peer(public_key, [self._encoded_answer(public_key, 0)], now)
 
 
 def _push_settings(config: Config) -> tuple:

@@ -74,7 +74,7 @@ def test_endpoint_name_is_resolved_again_when_handshakes_fail(monkeypatch):
     monkeypatch.setattr(client_module, "resolve_endpoint", fake_resolve)
     client.handle_event(HandshakeGaveUp(SERVER_PUB), now=0.0)
     assert looked_up == [("vpn.example", 51820)]
-    assert client.device.peers[SERVER_PUB].endpoint == ("192.0.2.99", 51820)
+    assert client.device.peer_stats(SERVER_PUB).endpoint == ("192.0.2.99", 51820)
 
 
 def test_literal_endpoint_is_not_resolved(monkeypatch):
@@ -140,7 +140,7 @@ def test_a_handshake_the_server_started_makes_the_client_ask_again(monkeypatch):
 def test_malformed_control_message_is_counted_not_fatal():
     client = make_client()
     client.handle_event(ControlReceived(SERVER_PUB, bytes([control.CONTROL_MARKER, 1, 2, 0, 0, 1, 0xFF, 0xFF])), 0.0)
-    assert client.device.peers[SERVER_PUB].dropped["bad_control_message"] == 1
+    assert client.device.peer_stats(SERVER_PUB).dropped["bad_control_message"] == 1
 
 
 class FailingDns:
@@ -152,11 +152,11 @@ class FailingDns:
 
 def test_a_dns_revert_that_fails_is_logged_not_raised(caplog):
     client = make_client()
-    client.dns, client._dns_applied = FailingDns(), (["198.51.100.53"], ["office.example"])
+    client.dns, client._dns_wanted = FailingDns(), (["198.51.100.53"], ["office.example"])
     with caplog.at_level(logging.WARNING, logger="tunvpn"):
         client._revert_dns()  # as at shutdown, or before a push's new DNS is applied
     assert "could not revert 198.51.100.53, office.example" in caplog.text
-    assert client._dns_applied is None
+    assert client._dns_wanted is None
     client._revert_dns()  # nothing left to revert: quiet
 
 
@@ -166,5 +166,5 @@ def test_a_chatty_server_cannot_flood_the_log(caplog):
     with caplog.at_level(logging.WARNING, logger="tunvpn"):
         for step in range(128):
             client.handle_event(junk, now=step / 1000)
-    assert client.device.peers[SERVER_PUB].dropped["bad_control_message"] == 128
+    assert client.device.peer_stats(SERVER_PUB).dropped["bad_control_message"] == 128
     assert caplog.text.count("malformed control message") == client.peer_log.burst
