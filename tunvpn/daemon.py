@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, ConfigError, PeerConfig, load_config
-from .io.controlsocket import ControlServer
+from .io.controlsocket import DEFAULT_RUN_DIR, ControlServer
 from .io.loop import EventLoop, Faults
 from .io.worker import InlineWorker, Worker
 from .io.netlink import LinkSetup, NetlinkError
@@ -38,7 +38,6 @@ from .protocol.device import (
     KeysExpired,
 )
 from .protocol.timers import REKEY_ATTEMPT_TIME
-from .show import DEFAULT_RUN_DIR
 
 log = logging.getLogger("tunvpn")
 

@@ -136,9 +136,8 @@ class _FamilyPool:
 class AddressPool:
     """Sticky per-key leases from the server's subnets; see the module docstring for the rules.
 
-    A reload that changes only which peers have fixed addresses calls `update_reserved`. A reload
-    that changes the server's Address or Pool builds a new pool and hands it `old.leases()`
-    through `restore`, which keeps what still fits and reports the rest.
+    A reload builds a new pool from the new config and hands it `old.leases()` through
+    `restore`, which keeps what still fits and reports the rest.
     """
 
     def __init__(
@@ -250,27 +249,6 @@ class AddressPool:
                 adopted = adopted.with_address(address.version, family.interface(int(address.ip)))
             if adopted.addresses:
                 self._leases[public_key] = adopted
-        return warnings
-
-    def update_reserved(self, reserved: Iterable[IPNetwork]) -> list[str]:
-        """A config reload changed the fixed addresses: drop (and report) leases they now take."""
-        self._set_reserved(reserved)
-        warnings = []
-        for public_key, lease in list(self._leases.items()):
-            kept = lease
-            for address in lease.addresses:
-                family = self._families[address.version]
-                why = family.why_excluded(int(address.ip))
-                if why is None:
-                    continue
-                family.give_back(int(address.ip))
-                kept = kept.with_address(address.version, None)
-                warnings.append(f"peer {encode_key(public_key)}: its leased address {address.ip} is now "
-                                f"{why}; it gets a new one")
-            if kept.addresses:
-                self._leases[public_key] = kept
-            else:
-                del self._leases[public_key]
         return warnings
 
     # --- internals -------------------------------------------------------------------------------

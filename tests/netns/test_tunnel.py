@@ -63,7 +63,12 @@ def test_two_tunvpn_peers_carry_ipv4_and_ipv6(lab, underlay):
     down = transfer(server_host, client_host, "2001:db8:100::2", 20 * MB, timeout=60)
     assert down.sent_sha256 == down.received_sha256
 
-    # The counters saw the traffic: at least the payload went each way.
+    # The counters saw the traffic: at least the payload went each way, on both ends.
+    client_peer = server.peer(pubkey(client_key))
+    assert client_peer["rx_bytes"] >= 20 * MB and client_peer["tx_bytes"] >= 20 * MB, client_peer
+    server_peer = client.peer(pubkey(server_key))
+    assert server_peer["rx_bytes"] >= 20 * MB and server_peer["tx_bytes"] >= 20 * MB, server_peer
+    assert client_peer["latest_handshake"] is not None
     stats = "\n".join(server.statistics())
     assert "handshake never" not in stats, stats
 

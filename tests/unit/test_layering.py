@@ -66,6 +66,17 @@ def test_the_io_shell_does_not_import_the_daemons(path):
     assert not later, f"{path.name} imports {later}"
 
 
+DAEMON_FILES = [PACKAGE / f"{name}.py" for name in ("daemon", "server", "client")]
+CLI_MODULES = {"cli", "checkconfig", "show", "__main__"}
+
+
+@pytest.mark.parametrize("path", DAEMON_FILES, ids=lambda p: p.name)
+def test_the_daemons_do_not_import_the_cli(path):
+    _, internal = imports_of(path)
+    cli = {name for name in internal if name.split(".")[1] in CLI_MODULES}
+    assert not cli, f"{path.name} imports {cli}"
+
+
 def test_the_layering_check_sees_imports():
     """Guard against a check that cannot fail: known imports must be found."""
     absolute, internal = imports_of(PACKAGE / "io" / "loop.py")

@@ -275,30 +275,36 @@ def test_changed_address_or_range_means_a_new_pool_restored_from_the_old() -> No
     assert v4_of(new, 2, 3, 1) == ["203.0.113.3/24", "203.0.113.4/24", "203.0.113.5/24"]
 
 
-# --- config reloads ------------------------------------------------------------------------------
+# --- config reloads: the server builds a new pool and restores the old leases into it -------------
 
-def test_update_reserved_moves_a_lease_that_became_a_fixed_address() -> None:
+def reloaded(pool: AddressPool, reserved: list, servers=(SERVER_V4, SERVER_V6)) -> tuple[AddressPool, list[str]]:
+    fresh = AddressPool(list(servers), None, reserved)
+    return fresh, fresh.restore(pool.leases())
+
+
+def test_a_reload_moves_a_lease_that_became_a_fixed_address() -> None:
     pool = AddressPool([SERVER_V4, SERVER_V6])
     first = pool.lease(key(1))
     pool.lease(key(2))
-    warnings = pool.update_reserved([net("203.0.113.2/32")])
-    assert len(warnings) == 1 and "203.0.113.2" in warnings[0] and "routed by a configured peer" in warnings[0]
+    pool, warnings = reloaded(pool, [net("203.0.113.2/32")])
+    assert len(warnings) == 1 and "203.0.113.2" in warnings[0]
     moved = pool.lease(key(1))
     assert moved.ipv6 == first.ipv6  # only the colliding family changes
     assert moved.ipv4 == iface("203.0.113.4/24")
 
 
-def test_update_reserved_frees_addresses_no_longer_fixed() -> None:
+def test_a_reload_frees_addresses_no_longer_fixed() -> None:
     pool = AddressPool([SERVER_V4], None, [net("203.0.113.2/31")])  # .2 and .3
     assert v4_of(pool, 1) == ["203.0.113.4/24"]
-    assert pool.update_reserved([]) == []
+    pool, warnings = reloaded(pool, [], servers=(SERVER_V4,))
+    assert warnings == []
     assert v4_of(pool, 2, 3, 4) == ["203.0.113.2/24", "203.0.113.3/24", "203.0.113.5/24"]
 
 
-def test_update_reserved_drops_a_lease_left_with_nothing() -> None:
+def test_a_reload_drops_a_lease_left_with_nothing() -> None:
     pool = AddressPool([SERVER_V4])
     pool.lease(key(1))
-    pool.update_reserved([net("203.0.113.0/28")])
+    pool, _ = reloaded(pool, [net("203.0.113.0/28")], servers=(SERVER_V4,))
     assert key(1) not in pool.leases()
     assert v4_of(pool, 1) == ["203.0.113.16/24"]
 
@@ -330,6 +336,6 @@ def test_random_operations_match_a_brute_force_model() -> None:
             assert pool.release(peer) == (model.pop(peer, None) is not None)
         else:
             reserved = set(rng.sample(list(subnet.hosts()), rng.randrange(4)))
-            pool.update_reserved(ipaddress.ip_network(a) for a in reserved)
+            pool, _ = reloaded(pool, [ipaddress.ip_network(a) for a in reserved], servers=(server,))
             model = {k: a for k, a in model.items() if a not in reserved}
         assert {k: lease.ipv4.ip for k, lease in pool.leases().items()} == model, step

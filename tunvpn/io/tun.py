@@ -1,7 +1,7 @@
 """A Linux tun device: raw IP packets in and out of a non-blocking file descriptor.
 
 The device is opened with IFF_NO_PI, so every read returns exactly one IP packet and every
-write takes exactly one.  The event loop drains it in batches (see DESIGN.md, fast path):
+write takes exactly one.  The event loop drains it in batches (docs/architecture.md):
 `read_batch` until EAGAIN, `write_batch` for everything decrypted from one receive burst.
 """
 
