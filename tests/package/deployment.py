@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterable
 
 from systemdhosts import HostError, SystemdHost, wait_until
 
@@ -137,8 +138,12 @@ def ping_result(host: SystemdHost, log: str, timeout: float = 30.0) -> tuple[int
     return wait_until(summary, timeout, interval=0.2, what=f"the ping logged in {log} on {host.role} to end")
 
 
-def purge_and_check_nothing_left(host: SystemdHost, admin_files: set[str]) -> None:
-    """`apt purge tunvpn`, then look for every kind of leftover; raise naming what is left."""
+def purge_and_check_nothing_left(host: SystemdHost, admin_files: set[str], made_by_admin: Iterable[str] = ()) -> None:
+    """`apt purge tunvpn`, then look for every kind of leftover; raise naming what is left.
+
+    `made_by_admin` names checks below ("the user", "the state directory", ...) for things that
+    existed before the package came: purge must leave exactly those.
+    """
     host.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q tunvpn", timeout=120)
     checks = {
         "a tunvpn process": "pgrep -a -f 'tunvpn (server|client)'",
@@ -153,8 +158,12 @@ def purge_and_check_nothing_left(host: SystemdHost, admin_files: set[str]) -> No
         "the statoverride": "dpkg-statoverride --list /etc/tunvpn",
         "the package": "dpkg-query -W -f '${Status}\\n' tunvpn | grep -v not-installed",
     }
-    left = {what: result.stdout.strip() for what, command in checks.items()
-            if (result := host.run(command, check=False)).returncode == 0}
+    present = {what: result.stdout.strip() for what, command in checks.items()
+               if (result := host.run(command, check=False)).returncode == 0}
+    left = {what: shown for what, shown in present.items() if what not in made_by_admin}
+    gone = set(made_by_admin) - set(present)
+    if gone:
+        raise AssertionError(f"{host.role}: purge removed what the admin made before the package: {', '.join(sorted(gone))}")
     remaining = set(host.run("ls -A /etc/tunvpn 2>/dev/null", check=False).stdout.split())
     if remaining - admin_files:
         left["files the package made in /etc/tunvpn"] = " ".join(sorted(remaining - admin_files))

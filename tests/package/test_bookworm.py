@@ -34,3 +34,14 @@ def test_install_connect_ping_purge_on_bookworm(deb: Path) -> None:
               f"{exposure(server, 'tunvpn-server@office.service')}, client {exposure(client, 'tunvpn-client@office.service')}")
         for host in (server, client):
             purge_and_check_nothing_left(host, set(file_digests(host)))
+
+
+def test_purge_keeps_the_user_and_state_directory_an_admin_made_before(deb: Path) -> None:
+    with SystemdLab("bookworm") as lab:
+        host = lab.add_host("server")
+        host.run("useradd --system --home-dir /var/lib/tunvpn --shell /usr/sbin/nologin tunvpn"
+                 " && mkdir /var/lib/tunvpn && echo kept > /var/lib/tunvpn/notes")
+        install(host, deb)
+        purge_and_check_nothing_left(host, admin_files=set(),
+                                     made_by_admin={"the user", "the group", "the state directory"})
+        assert host.read_file("/var/lib/tunvpn/notes") == "kept\n"

@@ -96,6 +96,8 @@ def test_show_works_for_root_on_both_sides(office: Office) -> None:
         assert client_view["peers"][0]["public_key"] == office.server_key
     text = office.server.run(["tunvpn", "show", "office"]).stdout
     assert "role: server" in text
+    refused = office.server.run(["runuser", "-u", "nobody", "--", "tunvpn", "show", "office"], check=False)
+    assert refused.returncode != 0 and "permission denied" in refused.stderr, refused
 
 
 def test_pushed_dns_reaches_resolved_through_the_polkit_rule(office: Office) -> None:
