@@ -106,6 +106,9 @@ def test_pushed_dns_reaches_resolved_through_the_polkit_rule(office: Office) -> 
         device = show(host, office.instances[role])["interface"]
         assert host.run(["resolvectl", "dns", device]).stdout.split()[-1] == PUSHED_DNS_SERVER
         assert host.run(["resolvectl", "domain", device]).stdout.split()[-1] == PUSHED_DNS_DOMAIN
+        # Another unprivileged user, whom the rule does not name, is refused the same call.
+        refused = host.run(["runuser", "-u", "nobody", "--", "resolvectl", "dns", device, "192.0.2.99"], check=False)
+        assert refused.returncode != 0, refused
 
 
 def test_full_tunnel_works_with_src_valid_mark_set_beforehand(office: Office, deb: Path) -> None:
