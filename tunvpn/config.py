@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from .keys import decode_key, derive_public_key
 from .protocol.control import MAX_DNS_SERVERS, MAX_ROUTES, MAX_SEARCH_DOMAINS, ConfigPush, ControlError, encode
+from .protocol.device import DEFAULT_MTU
 
 ROLES = ("server", "client")
 DEFAULT_SERVER_PORT = 51820
-DEFAULT_MTU = 1420
 MIN_MTU = 576
 MIN_IPV6_MTU = 1280
 MAX_MTU = 65535

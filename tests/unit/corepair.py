@@ -177,7 +177,7 @@ class CorePair:
     def peer(self, host: Host, other: Host | None = None) -> Peer:
         """What `host` knows about `other` (by default, the other of a and b)."""
         other = other or (self.b if host is self.a else self.a)
-        return host.device.peers[other.device.public_key]
+        return host.device._state.peers[other.device.public_key]
 
     @property
     def a_peer(self) -> Peer:
@@ -280,7 +280,7 @@ class CorePair:
         and never in the past once handle_timer ran (no busy loop)."""
         device = host.device
         deadline = device.get_timer()
-        for peer in device.peers.values():
+        for peer in device._state.peers.values():
             own = peer.timers.next_deadline()
             assert own is None or (deadline is not None and deadline <= own), (
                 f"{host.name}: peer deadline {own} but device timer {deadline}"

@@ -27,7 +27,7 @@ def _cookie_in(reply: Datagram, replier_public: bytes, triggering: Datagram) -> 
 
 def _loaded_pair(**kw) -> CorePair:
     pair = CorePair(**kw)
-    pair.b.device.load.force = True
+    pair.b.device._state.load.force = True
     return pair
 
 
@@ -42,8 +42,8 @@ def test_under_load_an_initiation_without_mac2_only_earns_a_cookie_reply():
     assert reply.destination == A_ADDR
     assert struct.unpack_from("<I", reply.data, 4)[0] == struct.unpack_from("<I", initiation.data, 4)[0]
     device, peer = pair.b.device, pair.b_peer
-    assert device.dropped["cookie_reply_sent"] == 1
-    assert len(device.index_table) == 0 and len(device.rate_limiter) == 0
+    assert device._state.dropped["cookie_reply_sent"] == 1
+    assert len(device._state.index_table) == 0 and len(device._state.rate_limiter) == 0
     assert peer.handshake.state is State.ZEROED and peer.handshake.last_timestamp is None
     assert peer.endpoint is None and list(peer.keypairs) == [] and device.next_event() is None
 
@@ -55,7 +55,7 @@ def test_the_retry_carries_mac2_and_succeeds():
     pair.deliver([initiation])
     (reply,) = pair.collect(pair.b)
     pair.deliver([reply])
-    assert pair.a.device.dropped == {} and pair.collect(pair.a) == []  # stored quietly
+    assert pair.a.device._state.dropped == {} and pair.collect(pair.a) == []  # stored quietly
     cookie = _cookie_in(reply, pair.b.device.public_key, initiation)
 
     wire = pair.advance(6.0)  # the retransmit timer
@@ -63,7 +63,7 @@ def test_the_retry_carries_mac2_and_succeeds():
     assert retry.kind == "initiation" and 5.0 <= retry.at <= 5.34
     assert _mac2(retry) == mac(cookie, retry.data[:INITIATION_SIZE - 16])
     assert pair.kinds(wire)[:3] == [("a", "initiation"), ("b", "response"), ("a", "keepalive")]
-    assert pair.b_peer.keypairs.current is not None and len(pair.b.device.rate_limiter) == 1
+    assert pair.b_peer.keypairs.current is not None and len(pair.b.device._state.rate_limiter) == 1
     pair.send(pair.a, [a_to_b_v4()])
     assert pair.b.tun == [a_to_b_v4()]
 
@@ -81,14 +81,14 @@ def test_a_stale_cookie_is_not_used_and_a_new_one_is_fetched():
     assert _mac2(fresh) != ZERO_MAC
     pair.deliver([fresh])
     pair.flush()
-    assert pair.b.device.dropped["cookie_reply_sent"] == 1
+    assert pair.b.device._state.dropped["cookie_reply_sent"] == 1
 
     pair.advance(121.0)  # the cookie (received at 0) is now stale
     pair.a.device.initiate(pair.b.device.public_key, pair.now)
     wire = pair.flush()
     stale = [d for d in wire if d.kind == "initiation"]
     assert len(stale) == 1 and _mac2(stale[0]) == ZERO_MAC
-    assert ("b", "cookie") in pair.kinds(wire) and pair.b.device.dropped["cookie_reply_sent"] == 2
+    assert ("b", "cookie") in pair.kinds(wire) and pair.b.device._state.dropped["cookie_reply_sent"] == 2
     wire = pair.advance(pair.now + 6)
     assert pair.kinds(wire)[:2] == [("a", "initiation"), ("b", "response")]
     assert _mac2(wire[0]) != ZERO_MAC
@@ -97,7 +97,7 @@ def test_a_stale_cookie_is_not_used_and_a_new_one_is_fetched():
 
 def test_initiator_under_load_answers_a_response_with_a_cookie():
     pair = CorePair()
-    pair.a.device.load.force = True
+    pair.a.device._state.load.force = True
     pair.a.device.initiate(pair.b.device.public_key, pair.now)
     pair.deliver(pair.collect(pair.a))
     (response,) = pair.collect(pair.b)
@@ -106,9 +106,9 @@ def test_initiator_under_load_answers_a_response_with_a_cookie():
     (reply,) = pair.collect(pair.a)
     assert reply.kind == "cookie" and reply.destination == pair.b.address
     assert struct.unpack_from("<I", reply.data, 4)[0] == struct.unpack_from("<I", response.data, 4)[0]
-    assert pair.a_peer.keypairs.current is None and pair.a.device.dropped["cookie_reply_sent"] == 1
+    assert pair.a_peer.keypairs.current is None and pair.a.device._state.dropped["cookie_reply_sent"] == 1
     pair.deliver([reply])
-    assert pair.b.device.dropped == {}  # the responder stored it: its reply index names its keypair
+    assert pair.b.device._state.dropped == {}  # the responder stored it: its reply index names its keypair
     cookie = _cookie_in(reply, pair.a.device.public_key, response)
 
     wire = pair.advance(6.0)
@@ -132,14 +132,14 @@ def test_valid_mac2_is_still_rate_limited_per_source_address():
     assert _mac2(with_mac2) != ZERO_MAC
 
     pair.deliver([with_mac2] * 10)  # one batch, one instant
-    dropped = pair.b.device.dropped
+    dropped = pair.b.device._state.dropped
     assert [d.kind for d in pair.collect(pair.b)] == ["response"]
     assert dropped["handshake_rejected"] == 4  # passed the limiter (burst 5), then refused as replays
     assert dropped["handshake_rate_limited"] == 5
 
     twin.device.initiate(pair.b.device.public_key, pair.now)
     pair.deliver(pair.collect(twin))  # same instant, other address: its own bucket
-    assert dropped["handshake_rate_limited"] == 5 and len(pair.b.device.rate_limiter) == 2
+    assert dropped["handshake_rate_limited"] == 5 and len(pair.b.device._state.rate_limiter) == 2
 
     pair.now += 1.0  # the bucket refills (20 per second)
     pair.deliver([with_mac2])
@@ -153,9 +153,9 @@ def test_load_is_measured_from_the_handshake_rate():
     for expected in ("response", None, "cookie"):  # the third within a second tips it over
         pair.deliver([initiation])
         assert [d.kind for d in pair.collect(pair.b)] == ([expected] if expected else [])
-    assert pair.b.device.load.under_load(pair.now)
+    assert pair.b.device._state.load.under_load(pair.now)
     pair.now += 2.5  # load holds for a second after the last burst
-    assert not pair.b.device.load.under_load(pair.now)
+    assert not pair.b.device._state.load.under_load(pair.now)
     twin = pair.add_host("a2", private_key(1), ("192.0.2.12", 51820), seed=98)
     twin.device.set_wall_clock(WALL_EPOCH + 50.0, 0.0)  # a clock ahead of a's
     twin.device.set_peer(pair.b.device.public_key, endpoint=pair.b.address)
@@ -173,6 +173,6 @@ def test_cookie_replies_cost_no_state_for_unknown_senders():
         stranger.device.initiate(pair.b.device.public_key, pair.now)
         pair.flush()
         pair.now += 5.1
-    assert pair.b.device.dropped["cookie_reply_sent"] == 1
-    assert pair.b.device.dropped["unknown_peer"] == 2
-    assert len(pair.b.device.index_table) == 0 and len(pair.b.device.rate_limiter) == 1
+    assert pair.b.device._state.dropped["cookie_reply_sent"] == 1
+    assert pair.b.device._state.dropped["unknown_peer"] == 2
+    assert len(pair.b.device._state.index_table) == 0 and len(pair.b.device._state.rate_limiter) == 1

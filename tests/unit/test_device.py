@@ -67,7 +67,7 @@ def test_mismatched_psk_never_completes():
     pair = CorePair(psk_a=PSK, psk_b=bytes(32))
     wire = pair.send(pair.a, [a_to_b_v4()])
     assert pair.kinds(wire) == [("a", "initiation"), ("b", "response")]
-    assert pair.a.device.dropped["handshake_rejected"] == 1
+    assert pair.a.device._state.dropped["handshake_rejected"] == 1
     assert pair.a_peer.keypairs.current is None and pair.b_peer.keypairs.current is None
     assert len(pair.a_peer.staged) == 1 and pair.b.tun == []
     assert not _completed(pair.a) and not _completed(pair.b)
@@ -80,8 +80,8 @@ def test_initiation_from_an_unknown_peer_is_dropped_and_counted():
     stranger.device.initiate(pair.b.device.public_key, pair.now)
     wire = pair.flush()
     assert pair.kinds(wire) == [("c", "initiation")]
-    assert pair.b.device.dropped["unknown_peer"] == 1
-    assert len(pair.b.device.index_table) == 0 and pair.b_peer.handshake.state is State.ZEROED
+    assert pair.b.device._state.dropped["unknown_peer"] == 1
+    assert len(pair.b.device._state.index_table) == 0 and pair.b_peer.handshake.state is State.ZEROED
 
 
 def test_initiator_sends_a_keepalive_only_when_it_has_nothing_staged():
@@ -125,7 +125,7 @@ def test_simultaneous_initiations_settle_on_one_session():
     pair.a.device.initiate(pair.b.device.public_key, pair.now)
     pair.b.device.initiate(pair.a.device.public_key, pair.now)
     pair.flush()
-    assert pair.a.device.dropped["unknown_receiver_index"] == 1  # each response answers a replaced index
+    assert pair.a.device._state.dropped["unknown_receiver_index"] == 1  # each response answers a replaced index
     pair.advance(6.0)
     pair.send(pair.a, [a_to_b_v4()])
     pair.send(pair.b, [b_to_a_v4()])
@@ -162,8 +162,8 @@ def test_tun_packets_without_a_route_or_not_ip_are_counted():
         pair.now,
     )
     assert pair.collect(pair.a) == []
-    assert pair.a.device.dropped["tun_not_ip"] == 3
-    assert pair.a.device.dropped["no_peer_for_destination"] == 2
+    assert pair.a.device._state.dropped["tun_not_ip"] == 3
+    assert pair.a.device._state.dropped["no_peer_for_destination"] == 2
 
 
 @pytest.mark.parametrize(
@@ -239,8 +239,8 @@ def test_replayed_initiation_is_rejected_and_changes_nothing():
         pair.now = when
         pair.deliver([initiation])
         assert pair.collect(pair.b) == []
-    assert pair.b.device.dropped["handshake_rejected"] == 3
-    assert list(pair.b_peer.keypairs) == keypairs and len(pair.b.device.index_table) == 1
+    assert pair.b.device._state.dropped["handshake_rejected"] == 3
+    assert list(pair.b_peer.keypairs) == keypairs and len(pair.b.device._state.index_table) == 1
 
 
 def test_replayed_response_is_rejected():
@@ -248,7 +248,7 @@ def test_replayed_response_is_rejected():
     wire = pair.handshake()
     response = wire[1]
     pair.deliver([response])
-    assert pair.a.device.dropped["unknown_receiver_index"] == 1  # its index now names a keypair
+    assert pair.a.device._state.dropped["unknown_receiver_index"] == 1  # its index now names a keypair
     assert pair.collect(pair.a) == [] and len(_completed(pair.a)) == 1
 
 
@@ -277,7 +277,7 @@ def test_unauthenticated_or_replayed_packets_do_not_move_the_endpoint():
     pair.deliver([Datagram(genuine.data, spoofed, B_ADDR, "mallory", pair.now)])
     assert pair.b_peer.endpoint == A_ADDR
     assert not [e for e in pair.b.events if isinstance(e, EndpointChanged)]
-    assert pair.b.device.dropped["bad_transport_tag"] == 1 and pair.b_peer.dropped["replayed"] == 1
+    assert pair.b.device._state.dropped["bad_transport_tag"] == 1 and pair.b_peer.dropped["replayed"] == 1
 
 
 def test_handshake_from_a_new_address_moves_the_endpoint_and_server_learns_it():
@@ -356,7 +356,7 @@ def test_updating_a_peer_keeps_its_session_unless_the_psk_changes():
     pair.send(pair.a, [routed])  # the new prefix routes to b; b checks only the inner source
     assert pair.b.tun == [routed]
     pair.a.device.set_peer(pair.b.device.public_key, preshared_key=PSK, allowed_ips=[f"{B_TUN4}/32"])
-    assert list(pair.a_peer.keypairs) == [] and len(pair.a.device.index_table) == 0
+    assert list(pair.a_peer.keypairs) == [] and len(pair.a.device._state.index_table) == 0
 
 
 def test_removed_peer_traffic_is_dropped():
@@ -364,11 +364,11 @@ def test_removed_peer_traffic_is_dropped():
     pair.a.device.send_packets([a_to_b_v4()], pair.now)
     in_flight = pair.collect(pair.a)
     pair.b.device.remove_peer(pair.a.device.public_key)
-    assert len(pair.b.device.index_table) == 0
+    assert len(pair.b.device._state.index_table) == 0
     pair.deliver(in_flight)
-    assert pair.b.tun == [] and pair.b.device.dropped["unknown_receiver_index"] == 1
+    assert pair.b.tun == [] and pair.b.device._state.dropped["unknown_receiver_index"] == 1
     pair.b.device.send_packets([b_to_a_v4()], pair.now)
-    assert pair.b.device.dropped["no_peer_for_destination"] == 1
+    assert pair.b.device._state.dropped["no_peer_for_destination"] == 1
     pair.b.device.remove_peer(pair.a.device.public_key)  # twice is harmless
 
 

@@ -28,7 +28,6 @@ from tunvpn.protocol.messages import (
     TRANSPORT_MIN_SIZE,
 )
 from tunvpn.protocol.noise import INITIAL_CHAIN_KEY, INITIAL_HASH
-from tunvpn.protocol.timers import _NAMES as TIMER_NAMES
 
 MALLORY = ("198.51.100.66", 6666)
 
@@ -37,32 +36,15 @@ MALLORY = ("198.51.100.66", 6666)
 
 def snapshot(host: Host) -> tuple:
     """Everything per-sender state could hide in."""
-    device = host.device
-    peers = []
-    for peer in device.peers.values():
-        hs, jar = peer.handshake, peer.cookies
-        peers.append((
-            hs.state, hs.local_index, hs.remote_index, hs.last_timestamp, hs.last_initiation_at,
-            hs._chain_key, hs._hash, hs._remote_ephemeral,
-            tuple(id(k) if k else None for k in (peer.keypairs.previous, peer.keypairs.current, peer.keypairs.next)),
-            tuple((k.send_counter, k.replay._greatest, tuple(k.replay._ring)) for k in peer.keypairs),
-            tuple(getattr(peer.timers, name) for name in TIMER_NAMES),
-            peer.timers.handshake_attempts, peer.timers.need_another_keepalive, peer.timers.sent_last_minute_handshake,
-            len(peer.staged), peer.endpoint, peer.last_sent_handshake, peer.last_handshake_wall,
-            peer.rx_bytes, peer.rx_packets, peer.tx_bytes, peer.tx_packets,
-            jar._cookie, jar._cookie_at, jar._last_mac1,
-        ))
-    return (
-        dict(device.index_table._entries), len(device.rate_limiter), tuple(peers),
-        device.get_timer(), len(device._events), len(device._outgoing),
-    )
+    return host.device.state_digest()
 
 
 def drops(host: Host) -> dict[str, int]:
     """Device and per-peer drop counters together, by reason."""
-    total: dict[str, int] = dict(host.device.dropped)
-    for peer in host.device.peers.values():
-        for reason, count in peer.dropped.items():
+    device = host.device
+    total = device.drops()
+    for key in device.peer_keys():
+        for reason, count in device.peer_stats(key).dropped.items():
             total[reason] = total.get(reason, 0) + count
     return total
 
@@ -119,7 +101,7 @@ def response_scenario() -> Scenario:
 
 def cookie_scenario() -> Scenario:
     pair = CorePair()
-    pair.b.device.load.force = True
+    pair.b.device._state.load.force = True
     pair.a.device.initiate(pair.b.device.public_key, pair.now)
     pair.deliver(pair.collect(pair.a))
     (genuine,) = pair.collect(pair.b)
@@ -205,7 +187,7 @@ def _mutations(kind: str, genuine: bytes, receiver_public: bytes, live_indices: 
 def test_every_malformed_variant_is_refused_without_trace(kind):
     scenario = SCENARIOS[kind]()
     pair, target, genuine = scenario.pair, scenario.target, scenario.genuine
-    live = [i for i in target.device.index_table._entries if i != struct.unpack_from("<I", genuine.data, 8)[0]]
+    live = [i for i in target.device._state.index_table._entries if i != struct.unpack_from("<I", genuine.data, 8)[0]]
     mutations = _mutations(kind, genuine.data, target.device.public_key, live)
     assert len(mutations) > 100
     for label, data, reason in mutations:
@@ -291,8 +273,8 @@ def test_random_datagrams_are_all_refused_and_counted(under_load):
     pair.a.device.initiate(pair.b.device.public_key, pair.now)  # a pending handshake at a, too
     pair.collect(pair.a)
     target = pair.a
-    target.device.load.force = under_load
-    live = list(target.device.index_table._entries)
+    target.device._state.load.force = under_load
+    live = list(target.device._state.index_table._entries)
     assert len(live) == 2
     rng = random.Random(20240601)
     count = 0
@@ -302,7 +284,7 @@ def test_random_datagrams_are_all_refused_and_counted(under_load):
         out = target.device.datagrams_to_send()
         assert sum(drops(target).values()) == before + 1, data.hex()
         if out:  # only a handshake-shaped message with a valid mac1, under load, earns one
-            assert target.device.load.under_load(pair.now)
+            assert target.device._state.load.under_load(pair.now)
             assert [(len(d), dest) for d, dest in out] == [(COOKIE_REPLY_SIZE, MALLORY)]
         assert snapshot(target) == before_state, data.hex()
         count += 1
@@ -310,7 +292,7 @@ def test_random_datagrams_are_all_refused_and_counted(under_load):
     # 300 of them carry a valid mac1: all earn cookies when forced under load; otherwise the
     # flood itself puts the device under load once more than DEFAULT_LOAD_THRESHOLD arrive in 1 s.
     assert drops(target)["cookie_reply_sent"] == (300 if under_load else 300 - DEFAULT_LOAD_THRESHOLD)
-    assert len(target.device.rate_limiter) == 0
+    assert len(target.device._state.rate_limiter) == 0
 
 
 def test_one_batch_of_garbage_and_genuine_traffic():

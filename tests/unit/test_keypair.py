@@ -137,10 +137,10 @@ def test_rekey_rotation_on_both_sides_and_index_table_stays_small():
         assert a_keys.previous is a_old and a_keys.current is not a_old
         assert b_keys.previous is b_old and b_keys.current is not b_old and b_keys.next is None
         # only previous and current are registered, per side: no leaked indices
-        assert len(pair.a.device.index_table) == 2 and len(pair.b.device.index_table) == 2
+        assert len(pair.a.device._state.index_table) == 2 and len(pair.b.device._state.index_table) == 2
         for device, keys in ((pair.a.device, a_keys), (pair.b.device, b_keys)):
             for keypair in keys:
-                assert device.index_table.get(keypair.local_index) is keypair
+                assert device._state.index_table.get(keypair.local_index) is keypair
         assert round_ == len([e for e in pair.a.events if type(e).__name__ == "HandshakeCompleted"]) - 1
 
 

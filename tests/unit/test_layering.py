@@ -77,6 +77,40 @@ def test_the_daemons_do_not_import_the_cli(path):
     assert not cli, f"{path.name} imports {cli}"
 
 
+# What the rest of tunvpn may import from the core: the Device facade (with its events), the
+# control codec, key handling and the protocol's timing constants.  Peer, DeviceState and the
+# send/receive/handshake/timer modules are the core's own business.
+CORE_PUBLIC = {"device", "events", "control", "crypto", "timers"}
+OUTSIDE_FILES = sorted(set(PACKAGE.glob("*.py")) | set(IO_FILES))
+
+
+@pytest.mark.parametrize("path", OUTSIDE_FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_outside_the_core_only_its_public_modules_are_imported(path):
+    _, internal = imports_of(path)
+    core = {name.split(".")[2] for name in internal if name.startswith("tunvpn.protocol.")}
+    assert core <= CORE_PUBLIC, f"{path.name} imports tunvpn.protocol.{core - CORE_PUBLIC}"
+
+
+def private_device_uses(source: str) -> list[str]:
+    """`x._name` where x is a device (`device`, `self.device`, ...): reaching past the facade."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and ast.unparse(node.value).split(".")[-1].endswith("device")):
+            found.append(ast.unparse(node))
+    return found
+
+
+@pytest.mark.parametrize("path", OUTSIDE_FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_outside_the_core_nothing_private_of_a_device_is_used(path):
+    assert private_device_uses(path.read_text()) == []
+
+
+def test_the_private_use_check_sees_private_uses():
+    assert sorted(private_device_uses("self.device._state.peers\nx = device._heap\nself.device.peer_keys()")) == [
+        "device._heap", "self.device._state"]
+
+
 def test_the_layering_check_sees_imports():
     """Guard against a check that cannot fail: known imports must be found."""
     absolute, internal = imports_of(PACKAGE / "io" / "loop.py")

@@ -141,7 +141,7 @@ def test_the_client_refuses_a_bad_push_whole_and_keeps_what_it_has(monkeypatch: 
         client.handle_event(ControlReceived(SERVER_PUB, control.encode(bad)), now=0.0)
 
     assert applied == []
-    assert client.device.peers[SERVER_PUB].dropped["invalid_config_push"] == 1
+    assert client.device.peer_stats(SERVER_PUB).dropped["invalid_config_push"] == 1
     assert ("refused the server's config push, keeping the config in use: MTU: '68' is not a number in 576-65535; "
             "DNS: 'bücher.example' is not a DNS search domain") in caplog.text
     good = push(("203.0.113.100/24", "2001:db8:100::2/64"))

@@ -23,12 +23,21 @@ from corepair import (
     established,
     private_key,
 )
-from tunvpn.protocol import timers as T
+from tunvpn.protocol.timers import (
+    KEEPALIVE_TIMEOUT,
+    MAX_HANDSHAKE_ATTEMPTS,
+    REKEY_ATTEMPT_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    ZERO_KEYS_AFTER,
+    Timer,
+    Timers,
+)
 from tunvpn.protocol.device import Device, HandshakeGaveUp, KeysExpired
 from tunvpn.protocol.keypair import REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME
 
-JITTER = T.REKEY_TIMEOUT_JITTER_MAX
-KEEP_FRESH_RECEIVING = REJECT_AFTER_TIME - T.KEEPALIVE_TIMEOUT - T.REKEY_TIMEOUT  # 165 s
+JITTER = REKEY_TIMEOUT_JITTER_MAX
+KEEP_FRESH_RECEIVING = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 165 s
 
 
 def _times(datagrams: list[Datagram], sender: str, kind: str) -> list[float]:
@@ -38,11 +47,11 @@ def _times(datagrams: list[Datagram], sender: str, kind: str) -> list[float]:
 # --- the Timers object on its own ------------------------------------------------------------
 
 def test_timer_rules():
-    timers = T.Timers(persistent_keepalive_interval=25)
+    timers = Timers(persistent_keepalive_interval=25)
     assert timers.next_deadline() is None and timers.pop_due(1e9) == []
     timers.data_sent(10.0, 0.2)
     timers.data_sent(12.0, 0.0)  # already pending: not moved
-    assert timers.new_handshake == 10.0 + T.KEEPALIVE_TIMEOUT + T.REKEY_TIMEOUT + 0.2
+    assert timers.new_handshake == 10.0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 0.2
     timers.data_received(11.0)
     assert timers.send_keepalive == 21.0 and not timers.need_another_keepalive
     timers.data_received(12.0)
@@ -54,12 +63,12 @@ def test_timer_rules():
     timers.authenticated_packet_traversed(13.0)
     assert timers.persistent_keepalive == 38.0
     timers.handshake_initiated(14.0, 0.1)
-    assert timers.retransmit_handshake == 14.0 + T.REKEY_TIMEOUT + 0.1
+    assert timers.retransmit_handshake == 14.0 + REKEY_TIMEOUT + 0.1
     timers.session_derived(15.0)
     assert timers.zero_key_material == 15.0 + 3 * REJECT_AFTER_TIME
     assert timers.next_deadline() == 19.1
     assert timers.pop_due(19.0) == []
-    assert timers.pop_due(38.0) == [T.RETRANSMIT_HANDSHAKE, T.PERSISTENT_KEEPALIVE]
+    assert timers.pop_due(38.0) == [Timer.RETRANSMIT_HANDSHAKE, Timer.PERSISTENT_KEEPALIVE]
     assert timers.next_deadline() == 15.0 + 540.0
     timers.handshake_attempts, timers.sent_last_minute_handshake = 3, True
     timers.handshake_complete()
@@ -69,15 +78,15 @@ def test_timer_rules():
 
 
 def test_constants_are_wireguards():
-    assert (T.REKEY_TIMEOUT, T.REKEY_ATTEMPT_TIME, T.KEEPALIVE_TIMEOUT) == (5.0, 90.0, 10.0)
-    assert (REKEY_AFTER_TIME, REJECT_AFTER_TIME, T.ZERO_KEYS_AFTER) == (120.0, 180.0, 540.0)
-    assert T.MAX_HANDSHAKE_ATTEMPTS == 18
+    assert (REKEY_TIMEOUT, REKEY_ATTEMPT_TIME, KEEPALIVE_TIMEOUT) == (5.0, 90.0, 10.0)
+    assert (REKEY_AFTER_TIME, REJECT_AFTER_TIME, ZERO_KEYS_AFTER) == (120.0, 180.0, 540.0)
+    assert MAX_HANDSHAKE_ATTEMPTS == 18
     assert abs(JITTER - 1 / 3) < 1e-9
 
 
 def test_jitter_stays_below_a_third_of_a_second():
     device = Device(private_key(1), random_bytes=SeededRandom(3))
-    jitters = [device._jitter() for _ in range(5000)]
+    jitters = [device._state.jitter() for _ in range(5000)]
     assert min(jitters) == 0.0 and max(jitters) == pytest.approx(0.333)
     assert len(set(jitters)) == 334
 
@@ -107,19 +116,19 @@ def test_unanswered_handshake_is_retried_then_abandoned(start, zero_jitter):
     sent = [start] + _times(wire, "a", "initiation")
     assert len(sent) == 20
     gaps = [b - a for a, b in zip(sent, sent[1:])]
-    assert all(T.REKEY_TIMEOUT - 1e-9 <= gap <= T.REKEY_TIMEOUT + JITTER + 1e-9 for gap in gaps), gaps
+    assert all(REKEY_TIMEOUT - 1e-9 <= gap <= REKEY_TIMEOUT + JITTER + 1e-9 for gap in gaps), gaps
     if zero_jitter:
-        assert all(gap == pytest.approx(T.REKEY_TIMEOUT) for gap in gaps)
+        assert all(gap == pytest.approx(REKEY_TIMEOUT) for gap in gaps)
     assert len(gave_up_at) == 1
-    assert T.REKEY_TIMEOUT - 1e-9 <= gave_up_at[0] - sent[-1] <= T.REKEY_TIMEOUT + JITTER + 1e-9
-    assert gave_up_at[0] - start >= T.REKEY_ATTEMPT_TIME
+    assert REKEY_TIMEOUT - 1e-9 <= gave_up_at[0] - sent[-1] <= REKEY_TIMEOUT + JITTER + 1e-9
+    assert gave_up_at[0] - start >= REKEY_ATTEMPT_TIME
     assert pair.a_peer.staged == type(pair.a_peer.staged)() and pair.a_peer.dropped["handshake_gave_up"] == 3
-    assert len(pair.a.device.index_table) == 1  # the last handshake's index, until key erasure
+    assert len(pair.a.device._state.index_table) == 1  # the last handshake's index, until key erasure
 
     wire = pair.advance(gave_up_at[0] + 3 * REJECT_AFTER_TIME + 1)
     assert _times(wire, "a", "initiation") == []
     assert [type(e) for e in pair.a.events if isinstance(e, KeysExpired)] == [KeysExpired]
-    assert len(pair.a.device.index_table) == 0 and pair.a.device.get_timer() is None
+    assert len(pair.a.device._state.index_table) == 0 and pair.a.device.get_timer() is None
 
 
 def test_answered_handshake_stops_retrying():
@@ -161,7 +170,7 @@ def test_passive_keepalive_ten_seconds_after_data_when_nothing_was_sent():
     pair.advance(1.0)
     pair.send(pair.b, [b_to_a_v4()])
     wire = pair.advance(30.0)
-    assert _times(wire, "a", "keepalive") == [1.0 + T.KEEPALIVE_TIMEOUT]
+    assert _times(wire, "a", "keepalive") == [1.0 + KEEPALIVE_TIMEOUT]
     assert _times(wire, "b", "keepalive") == []  # a keepalive is not data: no keepalive back
 
 
@@ -173,7 +182,7 @@ def test_no_passive_keepalive_when_we_answered_with_data():
     pair.send(pair.a, [a_to_b_v4()])
     wire = pair.advance(30.0)
     assert _times(wire, "a", "keepalive") == []
-    assert _times(wire, "b", "keepalive") == [5.0 + T.KEEPALIVE_TIMEOUT]
+    assert _times(wire, "b", "keepalive") == [5.0 + KEEPALIVE_TIMEOUT]
 
 
 def test_data_during_a_pending_keepalive_earns_another_one():
@@ -200,7 +209,7 @@ def test_new_handshake_when_data_sent_but_nothing_received():
     pair.send(pair.a, [a_to_b_v4()])
     wire = pair.advance(40.0)
     first = _times(wire, "a", "initiation")[0]
-    assert 2.0 + T.KEEPALIVE_TIMEOUT + T.REKEY_TIMEOUT <= first <= 2.0 + 15.0 + JITTER + 1e-9
+    assert 2.0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT <= first <= 2.0 + 15.0 + JITTER + 1e-9
 
 
 @pytest.mark.parametrize("silent", ["a", "b"])
@@ -328,7 +337,7 @@ def test_keys_erased_after_three_reject_after_times_without_a_handshake():
     for host in (pair.a, pair.b):
         assert [e for e in host.events if isinstance(e, KeysExpired)] == [KeysExpired(pair.peer(host).public_key)]
         assert list(pair.peer(host).keypairs) == []
-        assert len(host.device.index_table) == 0
+        assert len(host.device._state.index_table) == 0
         assert host.device.get_timer() is None
     pair.send(pair.a, [a_to_b_v4(b"again")])  # and a new session starts on demand
     assert pair.b.tun == [a_to_b_v4(b"again")]
@@ -366,7 +375,7 @@ def test_responder_accepts_one_initiation_per_peer_per_20_ms():
         pair.deliver([_initiation_from_a_clone(pair, wall, 50 + int(wall))])
         assert pair.collect(pair.b) == []
         assert pair.b_peer.keypairs.next is pending
-    assert pair.b.device.dropped["handshake_rejected"] == 2
+    assert pair.b.device._state.dropped["handshake_rejected"] == 2
     pair.now = 100.021
     pair.deliver([_initiation_from_a_clone(pair, 4.0, 60)])
     assert [d.kind for d in pair.collect(pair.b)] == ["response"]
@@ -379,7 +388,7 @@ def test_restarted_peer_with_an_older_clock_is_refused():
     assert [d.kind for d in pair.collect(pair.b)] == ["response"]
     pair.now = 20.0
     pair.deliver([_initiation_from_a_clone(pair, 50.0, 71)])
-    assert pair.collect(pair.b) == [] and pair.b.device.dropped["handshake_rejected"] == 1
+    assert pair.collect(pair.b) == [] and pair.b.device._state.dropped["handshake_rejected"] == 1
 
 
 # --- the device timer itself ----------------------------------------------------------------------
@@ -414,7 +423,7 @@ def test_long_busy_run_keeps_the_timer_heap_small():
 
     def watch(host):
         nonlocal biggest_heap
-        biggest_heap = max(biggest_heap, len(host.device._heap))
+        biggest_heap = max(biggest_heap, len(host.device._state.heap))
 
     while pair.now < 600.0:
         pair.advance(pair.now + rng.uniform(0.05, 2.0), on_timer=watch)
@@ -431,4 +440,4 @@ def test_long_busy_run_keeps_the_timer_heap_small():
     completed = [e for e in pair.a.events if type(e).__name__ == "HandshakeCompleted"]
     assert len(completed) >= 5  # rekeyed every ~2 minutes
     for host in (pair.a, pair.b):
-        assert len(host.device.index_table) <= 3
+        assert len(host.device._state.index_table) <= 3

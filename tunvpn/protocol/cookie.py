@@ -77,6 +77,9 @@ class CookieJar:
         self._cookie_at = float("-inf")
         self._last_mac1: bytes | None = None
 
+    def digest(self) -> tuple:
+        return (self._cookie, self._cookie_at, self._last_mac1)
+
     def add_macs(self, msg: bytes, now: float) -> bytes:
         """Fill in the last 32 bytes (mac1, mac2) of a packed handshake message."""
         mac1_offset = len(msg) - 2 * MAC_SIZE

@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.serialization import (
 
 KEY_SIZE = 32
 TAG_SIZE = 16
-HASH_SIZE = 32
 MAC_SIZE = 16
 XNONCE_SIZE = 24
 

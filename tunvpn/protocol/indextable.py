@@ -25,6 +25,9 @@ class IndexTable(Generic[T]):
     def get(self, index: int) -> T | None:
         return self._entries.get(index)
 
+    def items(self) -> list[tuple[int, T]]:
+        return list(self._entries.items())
+
     def allocate(self, owner: T) -> int:
         for _ in range(_MAX_ATTEMPTS):
             index = int.from_bytes(self._random_bytes(4), "little")

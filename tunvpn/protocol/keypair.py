@@ -43,6 +43,9 @@ class Keypair:
         self.remote_index = keys.remote_index
         self.peer = peer
 
+    def digest(self) -> tuple:
+        return (id(self), self.send_counter, self.replay.digest())
+
     def can_send(self, now: float) -> bool:
         return self.send_counter < REJECT_AFTER_MESSAGES and now - self.created < REJECT_AFTER_TIME
 

@@ -133,6 +133,11 @@ class Handshake:
         self.remote_index = 0
         self.clear()
 
+    def digest(self) -> tuple:
+        """Everything an incoming message could change, for tests that prove it changed nothing."""
+        return (self.state, self.local_index, self.remote_index, self.last_timestamp, self.last_initiation_at,
+                self._chain_key, self._hash, id(self._local_ephemeral), self._remote_ephemeral)
+
     def clear(self) -> None:
         """Forget every per-handshake secret; keep the replay and flood memory."""
         self.state = State.ZEROED

@@ -59,5 +59,15 @@ class Peer:
     def persistent_keepalive(self) -> int:
         return self.timers.persistent_keepalive_interval
 
+    def digest(self) -> tuple:
+        """Every per-peer state a message could change, drop counters aside (for Device.state_digest)."""
+        keypairs = self.keypairs
+        return (
+            self.handshake.digest(), self.cookies.digest(), self.timers.digest(),
+            tuple(k.digest() if k else None for k in (keypairs.previous, keypairs.current, keypairs.next)),
+            len(self.staged), self.endpoint, self.last_sent_handshake, self.last_handshake_wall,
+            self.rx_bytes, self.rx_packets, self.tx_bytes, self.tx_packets,
+        )
+
     def __repr__(self) -> str:
         return f"<Peer {self.public_key.hex()[:12]} endpoint={self.endpoint}>"

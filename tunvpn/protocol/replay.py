@@ -22,6 +22,9 @@ class ReplayWindow:
         self._greatest = 0
         self._ring = [0] * RING_BLOCKS
 
+    def digest(self) -> tuple:
+        return (self._greatest, tuple(self._ring))
+
     def accept(self, counter: int, limit: int) -> bool:
         """True if `counter` is below `limit` and new; records it as seen."""
         if counter >= limit:

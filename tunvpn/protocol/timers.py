@@ -2,11 +2,13 @@
 
 These mirror the WireGuard timer rules: each method is one protocol event
 (data sent, handshake initiated, ...) and only moves deadlines; `pop_due`
-tells the device which timers fired so it can act.  Nothing here reads a
-clock or sends anything.
+tells the device which timers fired, and timerhandlers.py acts on them.
+Nothing here reads a clock or sends anything.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 from .keypair import REJECT_AFTER_TIME
 
@@ -18,16 +20,25 @@ KEEPALIVE_TIMEOUT = 10.0
 MAX_HANDSHAKE_ATTEMPTS = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
 ZERO_KEYS_AFTER = 3 * REJECT_AFTER_TIME
 
-RETRANSMIT_HANDSHAKE = "retransmit_handshake"
-SEND_KEEPALIVE = "send_keepalive"
-NEW_HANDSHAKE = "new_handshake"
-ZERO_KEY_MATERIAL = "zero_key_material"
-PERSISTENT_KEEPALIVE = "persistent_keepalive"
-_NAMES = (RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, NEW_HANDSHAKE, ZERO_KEY_MATERIAL, PERSISTENT_KEEPALIVE)
+
+class Timer(Enum):
+    """WireGuard's five per-peer timers, in the order they fire when due together.
+
+    Each value names the `Timers` slot holding that timer's deadline; the handlers, named as
+    wireguard-go names them, are in timerhandlers.py."""
+
+    RETRANSMIT_HANDSHAKE = "retransmit_handshake"
+    SEND_KEEPALIVE = "send_keepalive"
+    NEW_HANDSHAKE = "new_handshake"
+    ZERO_KEY_MATERIAL = "zero_key_material"
+    PERSISTENT_KEEPALIVE = "persistent_keepalive"
+
+
+_SLOTS = tuple(timer.value for timer in Timer)
 
 
 class Timers:
-    __slots__ = _NAMES + (
+    __slots__ = _SLOTS + (
         "persistent_keepalive_interval",
         "handshake_attempts",
         "need_another_keepalive",
@@ -35,29 +46,33 @@ class Timers:
     )
 
     def __init__(self, persistent_keepalive_interval: int = 0) -> None:
-        for name in _NAMES:
-            setattr(self, name, None)
+        self.stop_all()
         self.persistent_keepalive_interval = persistent_keepalive_interval
         self.handshake_attempts = 0
         self.need_another_keepalive = False
         self.sent_last_minute_handshake = False
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (getattr(self, name) for name in _NAMES) if d is not None]
+        deadlines = [d for d in (getattr(self, slot) for slot in _SLOTS) if d is not None]
         return min(deadlines) if deadlines else None
 
-    def pop_due(self, now: float) -> list[str]:
+    def pop_due(self, now: float) -> list[Timer]:
+        """The timers due at `now`, disarmed: the caller runs their handlers."""
         due = []
-        for name in _NAMES:
-            deadline = getattr(self, name)
+        for timer in Timer:
+            deadline = getattr(self, timer.value)
             if deadline is not None and deadline <= now:
-                setattr(self, name, None)
-                due.append(name)
+                setattr(self, timer.value, None)
+                due.append(timer)
         return due
 
     def stop_all(self) -> None:
-        for name in _NAMES:
-            setattr(self, name, None)
+        for slot in _SLOTS:
+            setattr(self, slot, None)
+
+    def digest(self) -> tuple:
+        return (*(getattr(self, slot) for slot in _SLOTS), self.persistent_keepalive_interval,
+                self.handshake_attempts, self.need_another_keepalive, self.sent_last_minute_handshake)
 
     # --- protocol events -----------------------------------------------------
 
