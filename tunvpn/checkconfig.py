@@ -69,7 +69,8 @@ def run_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file, role=role, resolve=True, identity=args.user)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)  # already one escaped line
+        for error in getattr(exc, "errors", [exc]):  # every error in the file, one escaped line each
+            print(error, file=sys.stderr)
         return EXIT_BAD_CONFIG
     except Exception as exc:  # a parser bug must still be one line, must not pass for a bad config, and
         # must not print a key the config held

@@ -19,12 +19,13 @@ import socket
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 from .keys import decode_key, derive_public_key
 from .protocol.control import MAX_DNS_SERVERS, MAX_ROUTES, MAX_SEARCH_DOMAINS, ConfigPush, ControlError, encode
 from .protocol.device import DEFAULT_MTU
 
+T = TypeVar("T")
 ROLES = ("server", "client")
 DEFAULT_SERVER_PORT = 51820
 MIN_MTU = 576
@@ -126,6 +127,39 @@ class ConfigError(Exception):
         where = f"{self.path}:{self.line}" if self.line else self.path
         text = f"{where}: {self.key}: {self.reason}" if self.key else f"{where}: {self.reason}"
         return one_line(text)
+
+
+class ConfigErrors(ConfigError):
+    """Every error found in one file, as a compiler reports them; `errors` lists each as found.
+
+    Where one line must do (a daemon's log) the first stands for all and says how many follow.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        first = self.errors[0]
+        super().__init__(first.path, first.line, first.key, first.reason)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        more = len(self.errors) - 1
+        return f"{text} (and {more} more; `tunvpn check-config {self.path}` lists them all)" if more else text
+
+
+def _collecting(errors: list[ConfigError], check: Callable[..., T], *args: Any) -> T | None:
+    """Run one check; a ConfigError joins `errors` and the next check still runs."""
+    try:
+        return check(*args)
+    except ConfigErrors as exc:
+        errors.extend(exc.errors)
+    except ConfigError as exc:
+        errors.append(exc)
+    return None
+
+
+def _raise_any(errors: list[ConfigError]) -> None:
+    if errors:
+        raise ConfigErrors(errors) if len(errors) > 1 else errors[0]
 
 
 # A 32-byte key is 43 base64 characters and a '='. Any run of 43 or more base64 characters and '='
@@ -696,33 +730,53 @@ def _open_section(header: str, line: int, ctx: _Context) -> _Section:
 
 
 def _read_sections(text: str, ctx: _Context) -> list[_Section]:
+    """Every line into its section; each broken line is an error of its own, and reading goes on."""
     sections: list[_Section] = []
-    current: _Section | None = None
-    interface_line = 0
+    errors: list[ConfigError] = []
+    state = _Reading()
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        if line.startswith("["):
-            current = _open_section(line, number, ctx)
-            if current.spec is INTERFACE:
-                if interface_line:
-                    raise ConfigError(ctx.path, number, None, f"a second [Interface]; the first is on line {interface_line}")
-                interface_line = number
-            sections.append(current)
-            continue
-        key, equals, value = line.partition("=")
-        key = key.strip()
-        if not equals or not key:
-            raise ConfigError(ctx.path, number, None, "expected 'Key = Value' or a [Section] header")
-        secret = _mangled_secret_key(key)
-        if secret:
-            raise ConfigError(ctx.path, number, secret,
-                              f"expected '{secret} = KEY'; the rest of the line is not shown, as it may be the key")
-        if current is None:
-            raise ConfigError(ctx.path, number, key, "comes before any section; put it under [Interface] or [Peer]")
-        current.add(key, value.strip(), number, ctx)
+        if line:
+            _collecting(errors, _read_line, line, number, ctx, state, sections)
+    _raise_any(errors)
     return sections
+
+
+@dataclass
+class _Reading:
+    current: _Section | None = None
+    in_broken_section: bool = False  # after a bad header: its lines are not blamed on anything else
+    interface_line: int = 0
+
+
+def _read_line(line: str, number: int, ctx: _Context, state: _Reading, sections: list[_Section]) -> None:
+    if line.startswith("["):
+        _read_header(line, number, ctx, state, sections)
+        return
+    key, equals, value = line.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise ConfigError(ctx.path, number, None, "expected 'Key = Value' or a [Section] header")
+    secret = _mangled_secret_key(key)
+    if secret:
+        raise ConfigError(ctx.path, number, secret,
+                          f"expected '{secret} = KEY'; the rest of the line is not shown, as it may be the key")
+    if state.in_broken_section:
+        return
+    if state.current is None:
+        raise ConfigError(ctx.path, number, key, "comes before any section; put it under [Interface] or [Peer]")
+    state.current.add(key, value.strip(), number, ctx)
+
+
+def _read_header(line: str, number: int, ctx: _Context, state: _Reading, sections: list[_Section]) -> None:
+    state.current, state.in_broken_section = None, True
+    section = _open_section(line, number, ctx)
+    if section.spec is INTERFACE:
+        if state.interface_line:
+            raise ConfigError(ctx.path, number, None, f"a second [Interface]; the first is on line {state.interface_line}")
+        state.interface_line = number
+    state.current, state.in_broken_section = section, False
+    sections.append(section)
 
 
 # --- whole-config rules -------------------------------------------------------------------------
@@ -1038,17 +1092,23 @@ def _parse(text: str, path: str, role: str, resolve: bool, identity: Identity, s
     interface_section = next((section for section in sections if section.spec is INTERFACE), None)
     if interface_section is None:
         raise ConfigError(path, 0, None, "no [Interface] section")
-    interface = _build_interface(interface_section, ctx)
     peer_sections = [section for section in sections if section.spec is PEER]
-    peers = [(_build_peer(section, ctx), section) for section in peer_sections]
-    if role == "client" and not peers:
-        raise ConfigError(path, 0, None, "no [Peer] section: a client needs its server as its first [Peer]")
-    _check_peer_keys(interface, peers, ctx)
-    _check_overlaps(peer_sections, ctx)
+    # Each section on its own, then the rules across sections, then names: every error of a
+    # stage is reported; a later stage only runs on what the earlier ones accepted.
+    errors: list[ConfigError] = []
+    interface = _collecting(errors, _build_interface, interface_section, ctx)
+    peers = [(_collecting(errors, _build_peer, section, ctx), section) for section in peer_sections]
+    if role == "client" and not peer_sections:
+        errors.append(ConfigError(path, 0, None, "no [Peer] section: a client needs its server as its first [Peer]"))
+    _raise_any(errors)
+    _collecting(errors, _check_peer_keys, interface, peers, ctx)
+    _collecting(errors, _check_overlaps, peer_sections, ctx)
     if role == "server":
-        _check_server_peer_addresses(interface_section, peer_sections, ctx)
+        _collecting(errors, _check_server_peer_addresses, interface_section, peer_sections, ctx)
+    _raise_any(errors)
     if resolve:
-        peers = [(_resolve(peer, section, ctx), section) for peer, section in peers]
+        peers = [(_collecting(errors, _resolve, peer, section, ctx), section) for peer, section in peers]
+        _raise_any(errors)
     return Config(path, ctx.name, role, interface, [peer for peer, _ in peers])
 
 

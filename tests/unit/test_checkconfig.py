@@ -306,3 +306,16 @@ def test_undecodable_file_exits_2_with_its_line(tmp_path: Path, check_config: Ch
     path.write_bytes(conf(*SERVER).format(**placeholders).encode() + b"Device = tv-\xff\n")
     os.chmod(path, 0o600)
     assert check_config(str(path)) == Outcome(2, "", f"{path}:5: not UTF-8 text\n")
+
+
+def test_every_error_is_printed_on_a_line_of_its_own(tmp_path: Path, check_config: CheckConfig,
+                                                     placeholders: dict[str, str]) -> None:
+    """As compilers do: fix them all in one go, not one per run."""
+    text = conf("[Interface]", "PrivateKey = {priv}", "ListenPort = 0", "MTU = 9", "PostUp = iptables -F",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 198.51.100.0/33").format(**placeholders)
+    path = write(tmp_path / "office.conf", text, 0o600)
+    outcome = check_config("--role", "server", str(path))
+    assert outcome.code == 2 and outcome.stdout == ""
+    assert [line.split(": ")[0:2] for line in outcome.stderr.splitlines()] == [
+        [f"{path}:3", "ListenPort"], [f"{path}:4", "MTU"], [f"{path}:5", "PostUp"], [f"{path}:8", "AllowedIPs"]]
+    assert placeholders["priv"].rstrip("=") not in outcome.stderr

@@ -287,8 +287,10 @@ def test_group_may_read_secrets_only_when_the_daemon_runs_as_that_group(tmp_path
 
     with pytest.raises(ConfigError) as caught:
         load_config(path, role="server")
-    assert str(caught.value) == (f"{path}:2: PrivateKeyFile: {key} is readable by group {group}, which this daemon "
-                                 f"does not run as (mode 0640); chmod 600 {key}")
+    first, second = caught.value.errors  # the key file, and the inline key in a group-readable file
+    assert str(first) == (f"{path}:2: PrivateKeyFile: {key} is readable by group {group}, which this daemon "
+                          f"does not run as (mode 0640); chmod 600 {key}")
+    assert second.line == 5 and second.key == "PresharedKey"
     os.chmod(key, 0o600)
     with pytest.raises(ConfigError) as caught:
         load_config(path, role="server")
@@ -948,10 +950,12 @@ def test_broken_config_names_line_key_and_reason(case: Broken, tmp_path: Path, k
     with pytest.raises(ConfigError) as caught:
         load_config(path, role=case.role, resolve=False)
 
-    assert str(caught.value) == expected
-    assert (caught.value.path, caught.value.line, caught.value.key) == (str(path), case.line, case.key)
+    first = getattr(caught.value, "errors", [caught.value])[0]  # a case may have a second error too
+    assert str(first) == expected
+    assert (first.path, first.line, first.key) == (str(path), case.line, case.key)
     assert "\n" not in str(caught.value)
-    assert_quotes_no_secret(caught.value, ph["priv"], ph["psk"])
+    for error in getattr(caught.value, "errors", [caught.value]):
+        assert_quotes_no_secret(error, ph["priv"], ph["psk"])
 
 
 def assert_quotes_no_secret(error: ConfigError, *secrets: str) -> None:
@@ -1113,3 +1117,31 @@ def test_mangled_configs_only_ever_raise_config_error(tmp_path: Path, keys: Keys
             assert isinstance(result, Config)
             outcomes["config"] += 1
     assert outcomes["error"] > 500 and outcomes["config"] > 100  # both paths were really exercised
+
+
+def test_every_error_in_a_file_is_reported_in_order(tmp_path: Path, keys: Keys) -> None:
+    ph = keys.placeholders()
+    text = conf("[Interface]", "PrivateKey = {priv}", "ListenPort = 70000", "Table = off", "MTU = 9",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.300/32",
+                "[Bogus]", "Whatever = 1",
+                "[Peer]", "PublicKey = {pub2}", "PersistentKeepalive = often").format(**ph)
+    path = write(tmp_path / "wg0.conf", text, 0o600)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server", resolve=False)
+    found = [(error.line, error.key) for error in caught.value.errors]
+    assert found == [(3, "ListenPort"), (4, "Table"), (5, "MTU"), (8, "AllowedIPs"), (9, None),
+                     (13, "PersistentKeepalive")]  # line 10 belongs to the broken [Bogus]: no error of its own
+    assert str(caught.value).startswith(f"{path}:3: ListenPort:") and "(and 5 more;" in str(caught.value)
+    assert_quotes_no_secret(caught.value, ph["priv"])
+
+
+def test_rules_across_sections_are_all_reported_once_each_section_is_sound(tmp_path: Path, keys: Keys) -> None:
+    ph = keys.placeholders()
+    text = conf("[Interface]", "PrivateKey = {priv}",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.2/32",
+                "[Peer]", "PublicKey = {pub1}", "AllowedIPs = 203.0.113.2/32").format(**ph)
+    path = write(tmp_path / "wg0.conf", text, 0o600)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, role="server", resolve=False)
+    keys_blamed = [error.key for error in getattr(caught.value, "errors", [caught.value])]
+    assert keys_blamed == ["PublicKey", "AllowedIPs"], keys_blamed  # the same peer twice, and its overlap
