@@ -23,6 +23,9 @@ from corepair import (
     established,
     private_key,
 )
+from tunvpn.protocol.device import Device, HandshakeGaveUp, KeysExpired
+from tunvpn.protocol.keypair import REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME
+from tunvpn.protocol.timerhandlers import EXPIRED
 from tunvpn.protocol.timers import (
     KEEPALIVE_TIMEOUT,
     MAX_HANDSHAKE_ATTEMPTS,
@@ -33,8 +36,6 @@ from tunvpn.protocol.timers import (
     Timer,
     Timers,
 )
-from tunvpn.protocol.device import Device, HandshakeGaveUp, KeysExpired
-from tunvpn.protocol.keypair import REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME
 
 JITTER = REKEY_TIMEOUT_JITTER_MAX
 KEEP_FRESH_RECEIVING = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 165 s
@@ -82,6 +83,11 @@ def test_constants_are_wireguards():
     assert (REKEY_AFTER_TIME, REJECT_AFTER_TIME, ZERO_KEYS_AFTER) == (120.0, 180.0, 540.0)
     assert MAX_HANDSHAKE_ATTEMPTS == 18
     assert abs(JITTER - 1 / 3) < 1e-9
+
+
+def test_every_timer_has_its_handler_named_as_in_wireguard_go():
+    assert {timer: handler.__name__ for timer, handler in EXPIRED.items()} == {
+        timer: f"expired_{timer.value}" for timer in Timer}
 
 
 def test_jitter_stays_below_a_third_of_a_second():

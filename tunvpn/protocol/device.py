@@ -51,6 +51,8 @@ __all__ = [
 DEFAULT_MTU = 1420  # wireguard-go's: 1500 minus the largest overhead (IPv6, UDP, transport header)
 DEFAULT_LOAD_THRESHOLD = 256  # handshake messages per second before cookies are demanded
 
+_FORWARDING_HOOKS = {None: None, True: extensions.relay_between_peers, False: extensions.block_between_peers}
+
 
 @dataclass(frozen=True, slots=True)
 class PeerStats:
@@ -106,8 +108,7 @@ class Device:
     def set_forwarding(self, between_peers: bool | None) -> None:
         """None hands every packet to the tun, as WireGuard does; True seals a packet from one
         peer to another peer's address straight back out; False drops it (and counts it)."""
-        hooks = {None: None, True: extensions.relay_between_peers, False: extensions.block_between_peers}
-        self._state.deliver_hook = hooks[between_peers]
+        self._state.deliver_hook = _FORWARDING_HOOKS[between_peers]
 
     # --- peers ---------------------------------------------------------------------------
 
