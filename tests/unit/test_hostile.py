@@ -187,7 +187,7 @@ def _mutations(kind: str, genuine: bytes, receiver_public: bytes, live_indices: 
 def test_every_malformed_variant_is_refused_without_trace(kind):
     scenario = SCENARIOS[kind]()
     pair, target, genuine = scenario.pair, scenario.target, scenario.genuine
-    live = [i for i in target.device._state.index_table._entries if i != struct.unpack_from("<I", genuine.data, 8)[0]]
+    live = [i for i, _ in target.device._state.index_table.items() if i != struct.unpack_from("<I", genuine.data, 8)[0]]
     mutations = _mutations(kind, genuine.data, target.device.public_key, live)
     assert len(mutations) > 100
     for label, data, reason in mutations:
@@ -274,7 +274,7 @@ def test_random_datagrams_are_all_refused_and_counted(under_load):
     pair.collect(pair.a)
     target = pair.a
     target.device._state.load.force = under_load
-    live = list(target.device._state.index_table._entries)
+    live = [i for i, _ in target.device._state.index_table.items()]
     assert len(live) == 2
     rng = random.Random(20240601)
     count = 0

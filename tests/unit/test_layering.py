@@ -1,7 +1,8 @@
 """Imports flow one way: protocol core <- I/O shell <- daemons <- CLI.
 
-The core must stay sans-I/O: no sockets, no tun, no netlink, no clock, no threads. This reads
-the source (AST), so it checks what our modules import, not what the stdlib pulls in.
+The core must stay sans-I/O: no sockets, no tun, no netlink, no clock, no threads; the rest of
+tunvpn sees only the core's public face (the Device facade, never a Peer or a `device._name`).
+This reads the source (AST), so it checks what our modules import, not what the stdlib pulls in.
 """
 
 from __future__ import annotations
