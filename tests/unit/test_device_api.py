@@ -57,6 +57,18 @@ def test_set_mtu_bounds_the_padding():
     assert len(datagram.data) == 16 + 1290 + 16
 
 
+def test_state_digest_moves_with_accepted_input_only():
+    pair = established(CorePair())
+    b = pair.b.device
+    before = b.state_digest()
+    genuine = pair.seal(pair.a, a_to_b_v4(b"hi"))
+    forged = dataclasses.replace(genuine, data=genuine.data[:-1] + bytes([genuine.data[-1] ^ 1]))
+    pair.deliver([forged])
+    assert b.state_digest() == before
+    pair.deliver([genuine])
+    assert b.state_digest() != before
+
+
 # --- control messages ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("enabled", [True, False])
