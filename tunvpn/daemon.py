@@ -41,6 +41,8 @@ from .protocol.timers import REKEY_ATTEMPT_TIME
 
 log = logging.getLogger("tunvpn")
 
+STATUS_INTERVAL = 1.0  # seconds between two STATUS= updates at most
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -112,6 +114,8 @@ class Daemon:
         self._next_watchdog = 0.0
         self._routes: list[IPNetwork] = []  # the routes into the tun the config asks for
         self.refused: dict[str, str] = {}  # system changes the kernel refused: what -> why and what to do
+        self._status_due: float | None = None  # when STATUS= is next sent (None: nothing new to say)
+        self._status_sent = float("-inf")
         self.faults = Faults()
         self.peer_log = PeerLogLimit()
         # Blocking work: name resolution (slow resolvers) on one thread, disk and helper
@@ -186,7 +190,7 @@ class Daemon:
             if self.refused.get(what) != reason:
                 log.error("%s refused; carrying on without it: %s", what, reason)
                 self.refused[what] = reason
-                self.notifier.status(self.summary())
+                self.status_changed()
             return False
         self.forget_refusal(what, applied=True)
         return True
@@ -194,7 +198,7 @@ class Daemon:
     def forget_refusal(self, what: str, applied: bool = False) -> None:
         if self.refused.pop(what, None) is not None:
             log.info("%s %s", what, "applied now" if applied else "no longer wanted")
-            self.notifier.status(self.summary())
+            self.status_changed()
 
     def set_routes(self, wanted: list[IPNetwork]) -> None:
         """Route exactly `wanted` into the tun: both roles diff old against new here, once.
@@ -274,10 +278,22 @@ class Daemon:
             self.log_event(event)
         self.handle_event(event, now)
         if isinstance(event, (HandshakeCompleted, KeysExpired, HandshakeGaveUp)):
-            self.notifier.status(self.summary())
+            self.status_changed()
+
+    def status_changed(self) -> None:
+        """STATUS= is due again: sent from the next tick, at most once per STATUS_INTERVAL, since
+        the summary walks every peer and thousands of peers rekey every two minutes."""
+        if self._status_due is None:
+            self._status_due = max(time.monotonic(), self._status_sent + STATUS_INTERVAL)
 
     def _on_tick(self, now: float) -> float | None:
         deadline = self.tick(now)
+        if self._status_due is not None:
+            if now >= self._status_due:
+                self._status_due, self._status_sent = None, now
+                self.notifier.status(self.summary())
+            else:
+                deadline = self._status_due if deadline is None else min(deadline, self._status_due)
         if self._watchdog_interval:
             if now >= self._next_watchdog:
                 self.notifier.watchdog()
@@ -313,7 +329,7 @@ class Daemon:
             new = dataclasses.replace(new, interface=dataclasses.replace(new.interface, **kept))
         self.apply_reload(new, time.monotonic())
         self.loop.flush()
-        self.notifier.status(self.summary())
+        self.status_changed()
 
     def diff_peers(self, new: Config) -> tuple[list[PeerConfig], list[bytes], list[PeerConfig]]:
         """(added, removed keys, changed) between the running config and `new`."""

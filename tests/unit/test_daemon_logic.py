@@ -14,8 +14,11 @@ import types
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+
 
 from tunvpn import client as client_module
+from tunvpn import daemon as daemon_module
 from tunvpn.client import Client
 from tunvpn.config import parse_config
 from tunvpn.daemon import Options
@@ -292,3 +295,25 @@ def test_a_reload_applies_without_the_routes_the_kernel_refuses(tmp_path, caplog
     assert "refused by the kernel" in server.summary()
     reload(server, server_text("a"))  # the site goes again: so does its refusal
     assert server.refused == {}
+
+
+def test_status_lines_are_coalesced_to_one_a_second(tmp_path, monkeypatch):
+    """Thousands of rekeys must not each walk every peer for systemd's STATUS=."""
+    server = make_server(tmp_path, server_text("ab"))
+    sent = []
+    server.notifier = types.SimpleNamespace(status=sent.append, watchdog=lambda: None)
+    clock = [1000.0]
+    monkeypatch.setattr(daemon_module.time, "monotonic", lambda: clock[0])
+    for _ in range(100):
+        server.status_changed()
+    server._on_tick(clock[0])  # due now: one line for all hundred changes
+    assert sent == ["0 of 2 peers connected"]
+    server.status_changed()
+    clock[0] += 0.3
+    deadline = server._on_tick(clock[0])
+    assert len(sent) == 1 and deadline == pytest.approx(1001.0)  # not before a second has passed
+    clock[0] = 1001.0
+    server._on_tick(clock[0])
+    assert len(sent) == 2
+    server._on_tick(1005.0)
+    assert len(sent) == 2  # nothing new to say
