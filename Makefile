@@ -37,10 +37,12 @@ package-test: check-root deps package-deps venv
 demo: check-root deps
 	$(DEBIAN_PYTHON) tools/demo
 
-# TCP throughput and ping through raw veth, wireguard-go and tunvpn (venv and Debian python), side by side.
+# tunvpn (venv, bookworm's and trixie's python3) next to raw veth, wireguard-go (bookworm's and
+# trixie's), OpenVPN and fastd: build/bench/results.md, results.json, throughput.png.
+# The script installs what it lacks (BENCH_ARGS e.g. --rounds 1 --seconds 2 --systems veth fastd).
+BENCH_ARGS ?=
 bench: check-root deps venv
-	tools/ensure-deps iperf3
-	$(DEBIAN_PYTHON) benchmarks/throughput.py --json build/bench.json
+	$(DEBIAN_PYTHON) benchmarks/throughput.py --out build/bench $(BENCH_ARGS)
 
 # The tests that need no root, under the venv only: the quick loop while coding.
 unit: venv

@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""`sudo make bench`: TCP throughput and ping RTT through each tunnel, side by side, on this machine.
+"""`sudo make bench`: tunvpn next to raw veth, wireguard-go, OpenVPN and fastd, side by side, on this machine.
 
-Every system gets its own pair of network namespaces joined by one veth (underlay 192.0.2.0/24,
-tunnel 203.0.113.0/24):
+Every system gets its own pair of network namespaces joined by one veth (contestants.py):
 
-    veth             the bare cable: the ceiling for everything else
-    wireguard-go     Debian's wireguard-go on both ends, configured with wg
-    tunvpn-venv      tunvpn server <-> tunvpn client under the dev venv (current PyPI cryptography)
-    tunvpn-debian    the same under Debian's /usr/bin/python3 (what the .deb runs on)
+    veth                    the bare cable: the ceiling for everything else
+    tunvpn-venv             tunvpn <-> tunvpn under the dev venv (current PyPI cryptography)
+    tunvpn-bookworm         the same under this machine's Debian /usr/bin/python3 (bookworm's .deb)
+    tunvpn-trixie           the same under trixie's python3 and python3-cryptography, chrooted into
+                            the cached rootfs of tests/systemdhosts.py (trixie's .deb)
+    wireguard-go-bookworm   Debian bookworm's wireguard-go on both ends, configured with wg
+    wireguard-go-trixie     trixie's build of it (batched I/O, tun offloads), unpacked into a cache
+    openvpn                 OpenVPN 2.6 in userspace: TLS p2p, AES-256-GCM, DCO off
+    fastd                   fastd, salsa2012+umac, tun mode
 
 All systems are up at once and the runs are interleaved (round r measures every system, the order
 rotated by r), so load from other work on a shared machine falls on all of them alike rather than
-on whichever happened to run during it.  Each measurement is a ping series on the idle tunnel,
-then one single-stream iperf3 TCP test from the client to the server; the table gives the median
-and the spread of the rounds.  Nothing outside the namespaces is touched; Ctrl-C cleans up too.
+on whichever happened to run during it.  Each measurement is a ping series on the idle tunnel;
+one iperf3 TCP stream client -> server with pings running through the same tunnel (RTT under
+load); then four streams.  During each iperf3 test the CPU time of the VPN processes of both ends
+is read from /proc/PID/stat (user + system, which on this tick-accounted kernel includes the
+softirq work done in their context), and the machine's own counters say how much else ran.
+Nothing outside the namespaces is touched; Ctrl-C cleans up too.
 """
 
 from __future__ import annotations
@@ -24,102 +31,215 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from netlab import Host, Lab, LabError, python_env, stop_process, wait_until  # noqa: E402
-from stockwg import StockWireGuard, genkey, pubkey  # noqa: E402
-from tunvpnd import Tunvpn, wait_for_ping  # noqa: E402
+from netlab import Lab, LabError, stop_process, wait_until  # noqa: E402
 
-SERVER_UNDERLAY, CLIENT_UNDERLAY = "192.0.2.1", "192.0.2.2"
-SERVER_TUNNEL, CLIENT_TUNNEL = "203.0.113.1", "203.0.113.2"
-TUNNEL_MTU = 1420  # wireguard-go's default and tunvpn's: both tunnels carry the same segment size
+import contestants  # noqa: E402
+import report  # noqa: E402
+import trixie  # noqa: E402
+from contestants import BenchError, System  # noqa: E402
+
 IPERF_PORT = 5201
-HANDSHAKE_TIMEOUT = 15.0
 IPERF_GRACE_SECONDS = 15.0  # on top of the test length: connect, settle, JSON out
-SYSTEMS = ("veth", "wireguard-go", "tunvpn-venv", "tunvpn-debian")
-REFERENCE_SYSTEM = "wireguard-go"
+MULTI_STREAMS = 4
+SYSTEMS = ("veth", "tunvpn-venv", "tunvpn-bookworm", "tunvpn-trixie", "wireguard-go-bookworm",
+           "wireguard-go-trixie", "openvpn", "fastd")
+APT_PACKAGES = ("iperf3", "iputils-ping", "iproute2", "procps", "wireguard-go", "wireguard-tools",
+                "openvpn", "fastd", "debootstrap", "python3-venv", "python3-cryptography")
+BENCH_VENV = REPO_ROOT / "build" / "bench-venv"
+BENCH_REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PIP_TIMEOUT = 600.0
 
 
-class BenchError(LabError):
-    """A prerequisite is missing or a measurement went wrong; the message says which."""
+# --- measurements ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PingSeries:
+    sent: int
+    received: int
+    rtt_min_ms: float | None  # None when no reply came back
+    rtt_avg_ms: float | None
+    rtt_max_ms: float | None
 
 
 @dataclass(frozen=True)
-class Interpreter:
-    """A Python that runs tunvpn daemons, and the libraries it really imports."""
+class Transfer:
+    """One iperf3 test and what the machine did meanwhile (CPU figures in seconds, all cores summed)."""
 
-    path: str
-    python_version: str
-    cryptography_version: str
-    cryptography_dir: str
-    pyroute2_version: str
-
-
-@dataclass
-class Round:
+    streams: int
     mbps: float
+    bytes_received: int
+    seconds: float
     retransmits: int
-    ping_sent: int
-    ping_received: int
-    rtt_min_ms: float
-    rtt_avg_ms: float
-    rtt_max_ms: float
+    vpn_cpu_seconds: float | None  # None for the bare veth: no VPN process to clock
+    iperf_cpu_seconds: float
+    machine_busy_seconds: float
+    steal_seconds: float
+    wall_seconds: float
+    load1_before: float
 
 
-@dataclass
-class System:
-    """One side-by-side contestant: where iperf3 and ping run, and what to aim at."""
+@dataclass(frozen=True)
+class Round:
+    idle_ping: PingSeries
+    single: Transfer
+    loaded_ping: PingSeries
+    multi: Transfer
 
-    key: str
-    label: str
-    server: Host
-    client: Host
-    target: str
-    details: dict[str, Any] = field(default_factory=dict)
-    rounds: list[Round] = field(default_factory=list)
+
+_PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+_PING_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/[\d.]+ ms")
+
+
+def parse_ping(system: System, output: str) -> PingSeries:
+    counts, rtt = _PING_COUNTS.search(output), _PING_RTT.search(output)
+    if counts is None:
+        raise BenchError(f"{system.key}: cannot read ping's summary: {output!r}")
+    if rtt is None:
+        return PingSeries(int(counts[1]), int(counts[2]), None, None, None)
+    return PingSeries(int(counts[1]), int(counts[2]), float(rtt[1]), float(rtt[2]), float(rtt[3]))
+
+
+def ping_command(target: str, count: int, interval: float) -> list[str]:
+    return ["ping", "-n", "-q", "-c", str(count), "-i", f"{interval:g}",
+            "-w", str(max(2, round(2 * count * interval) + 1)), target]
+
+
+def measure_idle_ping(system: System, count: int, interval: float) -> PingSeries:
+    """Echo requests through the idle tunnel; losing all of them is a broken tunnel."""
+    result = system.client.run(ping_command(system.target, count, interval),
+                               timeout=2 * count * interval + 10, check=False)
+    series = parse_ping(system, result.stdout)
+    if series.rtt_avg_ms is None:
+        raise BenchError(f"{system.key}: no ping came back through the idle tunnel")
+    return series
+
+
+def process_cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of `pids` (whole processes: all their threads)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            raise BenchError(f"VPN process {pid} is gone") from None
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine since boot, from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(word) for word in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+def iperf_listening(system: System, server: subprocess.Popen[Any]) -> bool:
+    if server.poll() is not None:
+        raise BenchError(f"{system.key}: the iperf3 server exited early with {server.returncode}")
+    return bool(system.server.run(["ss", "-Hltn", "sport", "=", f":{IPERF_PORT}"]).stdout.strip())
+
+
+def finish_process(process: subprocess.Popen[str], timeout: float, what: str) -> tuple[str, str]:
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what} did not finish within {timeout:g} s") from None
+
+
+def measure_transfer(system: System, seconds: int, streams: int,
+                     loaded_ping_interval: float | None = None) -> tuple[Transfer, PingSeries | None]:
+    """One iperf3 client -> server test of `streams` TCP streams, clocked; pings alongside if asked."""
+    server = system.server.popen(["iperf3", "-s", "-1", "-B", system.target, "-p", str(IPERF_PORT),
+                                  "--rcv-timeout", "10000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes = [server]
+    try:
+        wait_until(lambda: iperf_listening(system, server), 5.0, interval=0.02,
+                   what=f"iperf3 to listen in {system.key}")
+        load1 = os.getloadavg()[0]
+        vpn_before = process_cpu_seconds(system.vpn_pids)
+        busy_before, steal_before = machine_cpu_seconds()
+        started = time.monotonic()
+        client = system.client.popen(["iperf3", "-c", system.target, "-p", str(IPERF_PORT), "-t", str(seconds),
+                                      "-P", str(streams), "-J", "--connect-timeout", "3000"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(client)
+        pinger = None
+        if loaded_ping_interval is not None:
+            count = max(1, int((seconds - 1) / loaded_ping_interval))
+            pinger = system.client.popen(ping_command(system.target, count, loaded_ping_interval),
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            processes.append(pinger)
+        output, errors = finish_process(client, seconds + IPERF_GRACE_SECONDS, f"{system.key}: iperf3")
+        wall = time.monotonic() - started
+        vpn_after = process_cpu_seconds(system.vpn_pids)
+        busy_after, steal_after = machine_cpu_seconds()
+        report_json = json.loads(output) if output.strip() else {"error": errors.strip()}
+        if client.returncode != 0 or "error" in report_json:
+            raise BenchError(f"{system.key}: iperf3 failed ({client.returncode}): {report_json.get('error')}")
+        loaded = None
+        if pinger is not None:
+            loaded = parse_ping(system, finish_process(pinger, 2 * seconds + 5, f"{system.key}: ping")[0])
+        server.wait(timeout=5.0)  # a one-off server leaves once the test is over
+    finally:
+        for process in processes:
+            stop_process(process, term_grace=1.0)
+    end = report_json["end"]
+    cpu = end.get("cpu_utilization_percent", {})
+    received = end["sum_received"]
+    transfer = Transfer(
+        streams=streams, mbps=received["bits_per_second"] / 1e6, bytes_received=int(received["bytes"]),
+        seconds=float(received["seconds"]), retransmits=int(end["sum_sent"].get("retransmits", 0)),
+        vpn_cpu_seconds=vpn_after - vpn_before if system.vpn_pids else None,
+        iperf_cpu_seconds=(cpu.get("host_total", 0.0) + cpu.get("remote_total", 0.0)) / 100 * seconds,
+        machine_busy_seconds=busy_after - busy_before, steal_seconds=steal_after - steal_before,
+        wall_seconds=wall, load1_before=load1)
+    return transfer, loaded
+
+
+def measure_round(system: System, args: argparse.Namespace) -> Round:
+    idle = measure_idle_ping(system, args.pings, args.ping_interval)
+    single, loaded = measure_transfer(system, args.seconds, 1, args.loaded_ping_interval)
+    multi, _ = measure_transfer(system, args.seconds, MULTI_STREAMS)
+    assert loaded is not None
+    return Round(idle, single, loaded, multi)
 
 
 # --- prerequisites and machine facts ----------------------------------------------------------
 
-def require_prerequisites() -> None:
-    """Fail loudly: a benchmark that silently drops a contestant compares nothing."""
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def install_prerequisites() -> None:
+    """Debian packages via tools/ensure-deps (only what is missing, no recommends); matplotlib in
+    a venv of its own under build/, so the chart never needs anything in the system's Python."""
     if os.geteuid() != 0:
         raise BenchError("this needs root (network namespaces, tun devices): sudo make bench")
-    for tool, package in (("iperf3", "iperf3"), ("ping", "iputils-ping"), ("ss", "iproute2")):
-        if shutil.which(tool) is None:
-            raise BenchError(f"{tool} not found: install it with `tools/ensure-deps {package}`")
-
-
-_PROBE = ("import json, sys, os, cryptography, pyroute2; "
-          "print(json.dumps([sys.version.split()[0], cryptography.__version__, "
-          "os.path.dirname(cryptography.__file__), getattr(pyroute2, '__version__', '?')]))")
-
-
-def probe_interpreter(path: str) -> Interpreter:
-    if not os.access(path, os.X_OK):
-        raise BenchError(f"interpreter {path} not found (the venv comes from `make venv`)")
-    result = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=30, env=python_env())
+    result = subprocess.run([str(REPO_ROOT / "tools" / "ensure-deps"), *APT_PACKAGES], timeout=PIP_TIMEOUT)
     if result.returncode != 0:
-        raise BenchError(f"{path} cannot import tunvpn's libraries: {result.stderr.strip()[-300:]}")
-    python_version, crypto_version, crypto_dir, pyroute2_version = json.loads(result.stdout)
-    return Interpreter(path, python_version, crypto_version, crypto_dir, pyroute2_version)
-
-
-def first_line(cmd: list[str]) -> str:
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown ({exc})"
-    return (result.stdout.strip() or result.stderr.strip() or "unknown").splitlines()[0]
+        raise BenchError(f"tools/ensure-deps failed with exit code {result.returncode}")
+    stamp = BENCH_VENV / ".stamp"
+    if stamp.exists() and stamp.read_text() == BENCH_REQUIREMENTS.read_text():
+        return
+    progress(f"creating {BENCH_VENV} for the chart")
+    venv_python = str(BENCH_VENV / "bin" / "python")
+    for command in (["/usr/bin/python3", "-m", "venv", "--clear", str(BENCH_VENV)],
+                    [venv_python, "-m", "pip", "install", "-q", "-r", str(BENCH_REQUIREMENTS)]):
+        if subprocess.run(command, timeout=PIP_TIMEOUT).returncode != 0:
+            raise BenchError(f"`{' '.join(command)}` failed")
+    stamp.write_text(BENCH_REQUIREMENTS.read_text())
 
 
 def cpu_model() -> str:
@@ -130,188 +250,18 @@ def cpu_model() -> str:
 
 
 def machine_facts() -> dict[str, Any]:
+    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
     return {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": platform.release(),
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
-        "iperf3": first_line(["iperf3", "--version"]),
-        "wireguard_go": first_line(["wireguard-go", "--version"]),
-        "tunvpn_commit": first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]),
+        "iperf3": contestants.first_line(["iperf3", "--version"]),
+        "tunvpn_commit": contestants.first_line(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+                         + (" + uncommitted changes" if dirty else ""),
     }
-
-
-# --- the contestants ---------------------------------------------------------------------------
-
-def cable(lab: Lab, tag: str) -> tuple[Host, Host]:
-    """A server and a client namespace joined by one veth carrying the underlay."""
-    server, client = lab.add_host(f"{tag}_server"), lab.add_host(f"{tag}_client")
-    lab.link(server, client, [f"{SERVER_UNDERLAY}/24"], [f"{CLIENT_UNDERLAY}/24"])
-    return server, client
-
-
-def setup_veth(lab: Lab) -> System:
-    server, client = cable(lab, "veth")
-    return System("veth", "raw veth (ceiling)", server, client, SERVER_UNDERLAY)
-
-
-def setup_wireguard_go(lab: Lab) -> System:
-    server_host, client_host = cable(lab, "wg")
-    server_key, client_key = genkey(), genkey()
-    server = StockWireGuard(server_host, lab.unique_ifname("wg"), server_key, listen_port=51820)
-    client = StockWireGuard(client_host, lab.unique_ifname("wg"), client_key)
-    server.set_peer(pubkey(client_key), allowed_ips=[f"{CLIENT_TUNNEL}/32"])
-    client.set_peer(pubkey(server_key), allowed_ips=["203.0.113.0/24"], endpoint=server.endpoint(SERVER_UNDERLAY))
-    for end, address in ((server, SERVER_TUNNEL), (client, CLIENT_TUNNEL)):
-        end.add_address(f"{address}/24")
-        end.set_up(mtu=TUNNEL_MTU)
-    wait_for_ping(client_host, SERVER_TUNNEL, HANDSHAKE_TIMEOUT)
-    return System("wireguard-go", "wireguard-go <-> wireguard-go", server_host, client_host, SERVER_TUNNEL)
-
-
-def tunvpn_configs(server_key: str, client_key: str) -> tuple[str, str]:
-    server = (f"[Interface]\nPrivateKey = {server_key}\nListenPort = 51820\nAddress = {SERVER_TUNNEL}/24\n"
-              f"MTU = {TUNNEL_MTU}\n\n[Peer]\nPublicKey = {pubkey(client_key)}\nAllowedIPs = {CLIENT_TUNNEL}/32\n")
-    client = (f"[Interface]\nPrivateKey = {client_key}\nAddress = {CLIENT_TUNNEL}/24\nMTU = {TUNNEL_MTU}\n\n"
-              f"[Peer]\nPublicKey = {pubkey(server_key)}\nEndpoint = {SERVER_UNDERLAY}:51820\n"
-              f"AllowedIPs = 203.0.113.0/24\n")
-    return server, client
-
-
-def require_own_cryptography(pid: int, interpreter: Interpreter) -> None:
-    """Prove the daemon runs on the interpreter's own cryptography (not one leaking in via a path)."""
-    maps = Path(f"/proc/{pid}/maps").read_text()
-    if interpreter.cryptography_dir + "/" not in maps:
-        raise BenchError(f"the tunvpn daemon (pid {pid}) under {interpreter.path} has not loaded "
-                         f"{interpreter.cryptography_dir}")
-
-
-def stop_daemon(daemon: Tunvpn) -> None:
-    """Stop a daemon while its files still exist: the lab removes them first and then stops the
-    processes, and a server saves state.json on its way out, which would bring its directory back."""
-    if daemon.process is not None and daemon.process.poll() is None:
-        daemon.stop()
-
-
-def setup_tunvpn(lab: Lab, key: str, interpreter: Interpreter) -> System:
-    server_host, client_host = cable(lab, key.replace("-", "_"))
-    server_key, client_key = genkey(), genkey()
-    server_conf, client_conf = tunvpn_configs(server_key, client_key)
-    production_logging = ("--log-level", "info")  # what the units run with, not the harness's debug
-    daemons = [Tunvpn(server_host, "server", server_conf, extra_args=production_logging, python=interpreter.path),
-               Tunvpn(client_host, "client", client_conf, extra_args=production_logging, python=interpreter.path)]
-    for daemon in daemons:
-        lab.add_cleanup(lambda daemon=daemon: stop_daemon(daemon))
-        daemon.start()
-    try:
-        wait_for_ping(client_host, SERVER_TUNNEL, HANDSHAKE_TIMEOUT)
-    except LabError as exc:
-        logs = "\n".join(f"--- tunvpn {d.role} (exit code {d.process and d.process.poll()}) ---\n"
-                         f"{d.log()[-3000:]}" for d in daemons)
-        raise BenchError(f"{key}: no tunnel: {exc}\n{logs}") from None
-    for daemon in daemons:
-        assert daemon.process is not None
-        require_own_cryptography(daemon.process.pid, interpreter)
-    label = (f"tunvpn <-> tunvpn, python {interpreter.python_version}, "
-             f"cryptography {interpreter.cryptography_version}")
-    return System(key, label, server_host, client_host, SERVER_TUNNEL, details={"interpreter": asdict(interpreter)})
-
-
-# --- measurements ------------------------------------------------------------------------------
-
-_PING_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) received")
-_PING_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/[\d.]+ ms")
-
-
-def measure_ping(system: System, count: int, interval: float) -> tuple[int, int, float, float, float]:
-    """(sent, received, min, avg, max ms) of `count` echo requests through the idle tunnel."""
-    output = system.client.ping(system.target, count=count, interval=interval,
-                                timeout=max(5.0, 3 * count * interval), check=False).stdout  # loss is reported
-    counts, rtt = _PING_COUNTS.search(output), _PING_RTT.search(output)
-    if counts is None or rtt is None:
-        raise BenchError(f"{system.key}: cannot read ping's summary: {output!r}")
-    return int(counts[1]), int(counts[2]), float(rtt[1]), float(rtt[2]), float(rtt[3])
-
-
-def iperf_listening(host: Host, server: subprocess.Popen[Any]) -> bool:
-    if server.poll() is not None:
-        raise BenchError(f"iperf3 server on {host.role} exited early with {server.returncode}")
-    listening = host.run(["ss", "-Hltn", "sport", "=", f":{IPERF_PORT}"]).stdout
-    return bool(listening.strip())
-
-
-def measure_iperf(system: System, seconds: int) -> tuple[float, int]:
-    """(Mbit/s the server received, TCP retransmits) of one single-stream client -> server test."""
-    server = system.server.popen(["iperf3", "-s", "-1", "-B", system.target, "-p", str(IPERF_PORT),
-                                  "--rcv-timeout", "10000"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_until(lambda: iperf_listening(system.server, server), 5.0, interval=0.02,
-                   what=f"iperf3 to listen on {system.server.role}")
-        result = system.client.run(["iperf3", "-c", system.target, "-p", str(IPERF_PORT), "-t", str(seconds),
-                                    "-J", "--connect-timeout", "3000"],
-                                   timeout=seconds + IPERF_GRACE_SECONDS, check=False)
-        report = json.loads(result.stdout) if result.stdout.strip() else {"error": result.stderr.strip()}
-        if result.returncode != 0 or "error" in report:
-            raise BenchError(f"{system.key}: iperf3 failed ({result.returncode}): {report.get('error')}")
-        server.wait(timeout=5.0)  # a one-off server leaves once the test is over
-    finally:
-        stop_process(server, term_grace=1.0)
-    end = report["end"]
-    return end["sum_received"]["bits_per_second"] / 1e6, int(end["sum_sent"].get("retransmits", 0))
-
-
-def measure_round(system: System, seconds: int, pings: int, ping_interval: float) -> Round:
-    sent, received, rtt_min, rtt_avg, rtt_max = measure_ping(system, pings, ping_interval)
-    mbps, retransmits = measure_iperf(system, seconds)
-    return Round(mbps, retransmits, sent, received, rtt_min, rtt_avg, rtt_max)
-
-
-# --- report ------------------------------------------------------------------------------------
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def summarize(system: System) -> dict[str, Any]:
-    return {
-        "mbps": spread([r.mbps for r in system.rounds]),
-        "rtt_avg_ms": spread([r.rtt_avg_ms for r in system.rounds]),
-        "rtt_min_ms": min(r.rtt_min_ms for r in system.rounds),
-        "rtt_max_ms": max(r.rtt_max_ms for r in system.rounds),
-        "retransmits_median": statistics.median(r.retransmits for r in system.rounds),
-        "ping_lost": sum(r.ping_sent - r.ping_received for r in system.rounds),
-    }
-
-
-def markdown_table(systems: list[System], summaries: dict[str, dict[str, Any]]) -> str:
-    reference = summaries.get(REFERENCE_SYSTEM, {}).get("mbps", {}).get("median")
-    lines = ["| system | TCP Mbit/s, median [min-max] | % of wireguard-go | RTT avg ms, median [min-max] "
-             "| RTT min / max ms | retransmits (median) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for system in systems:
-        s = summaries[system.key]
-        mbps, rtt = s["mbps"], s["rtt_avg_ms"]
-        share = f"{100 * mbps['median'] / reference:.0f} %" if reference else "-"
-        lost = f", {s['ping_lost']} lost" if s["ping_lost"] else ""
-        lines.append(f"| {system.label} | {mbps['median']:.0f} [{mbps['min']:.0f}-{mbps['max']:.0f}] | {share} "
-                     f"| {rtt['median']:.3f} [{rtt['min']:.3f}-{rtt['max']:.3f}] "
-                     f"| {s['rtt_min_ms']:.3f} / {s['rtt_max_ms']:.3f}{lost} | {s['retransmits_median']:g} |")
-    return "\n".join(lines)
-
-
-def facts_text(facts: dict[str, Any], interpreters: dict[str, Interpreter], args: argparse.Namespace) -> str:
-    lines = [f"- kernel {facts['kernel']}, CPU {facts['cpu']} x {facts['cpus']}, "
-             f"load average before {facts['loadavg_before'][0]:.2f} / after {facts['loadavg_after'][0]:.2f} (1 min)",
-             f"- {facts['iperf3']}; {facts['wireguard_go']}; tunvpn at {facts['tunvpn_commit']} (working tree as run)"]
-    for key, interp in interpreters.items():
-        lines.append(f"- {key}: {interp.path}: python {interp.python_version}, cryptography "
-                     f"{interp.cryptography_version} ({interp.cryptography_dir}), pyroute2 {interp.pyroute2_version}")
-    lines.append(f"- interleaved rounds per system: {args.rounds}; each round: {args.pings} pings every "
-                 f"{args.ping_interval:g} s on the idle tunnel, then iperf3 -t {args.seconds}, one TCP stream, "
-                 f"client -> server; tunnel MTU {TUNNEL_MTU}")
-    return "\n".join(lines)
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -319,78 +269,116 @@ def facts_text(facts: dict[str, Any], interpreters: dict[str, Interpreter], args
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench",
+                        help="results.json, results.md and throughput.png go here")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5, help="length of each iperf3 test")
-    parser.add_argument("--pings", type=int, default=20)
+    parser.add_argument("--seconds", type=int, default=10, help="length of each iperf3 test")
+    parser.add_argument("--pings", type=int, default=20, help="echo requests on the idle tunnel")
     parser.add_argument("--ping-interval", type=float, default=0.05)
+    parser.add_argument("--loaded-ping-interval", type=float, default=0.2,
+                        help="echo requests during the single-stream test, this far apart")
     parser.add_argument("--venv-python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
-    parser.add_argument("--debian-python", default="/usr/bin/python3")
+    parser.add_argument("--bookworm-python", default="/usr/bin/python3")
     args = parser.parse_args(argv)
-    if not 1 <= args.rounds <= 20 or not 1 <= args.seconds <= 60 or not 1 <= args.pings <= 1000:
-        parser.error("keep --rounds in 1..20, --seconds in 1..60 and --pings in 1..1000")
+    if not 1 <= args.rounds <= 20 or not 2 <= args.seconds <= 60 or not 1 <= args.pings <= 1000:
+        parser.error("keep --rounds in 1..20, --seconds in 2..60 and --pings in 1..1000")
+    if not 0.01 <= args.ping_interval <= 1 or not 0.01 <= args.loaded_ping_interval <= 1:
+        parser.error("keep the ping intervals in 0.01..1 s")
     return args
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def interleaved(systems: list[System], number: int) -> list[System]:
+    """Round `number`'s order: rotated, so no system always follows the same one."""
+    shift = number % len(systems)
+    return systems[shift:] + systems[:shift]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    require_prerequisites()
-    interpreters = {key: probe_interpreter(path) for key, path in
-                    (("tunvpn-venv", args.venv_python), ("tunvpn-debian", args.debian_python))
-                    if key in args.systems}
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    install_prerequisites()
+    interpreter_paths = {"tunvpn-venv": args.venv_python, "tunvpn-bookworm": args.bookworm_python}
+    if "tunvpn-trixie" in args.systems:
+        shim, rootfs = trixie.python_shim(workdir)
+        interpreter_paths["tunvpn-trixie"] = str(shim)
+    interpreters = {key: contestants.probe_interpreter(path)
+                    for key, path in interpreter_paths.items() if key in args.systems}
+    wireguard_go_trixie = trixie.wireguard_go() if "wireguard-go-trixie" in args.systems else None
     facts = machine_facts()
+    if "tunvpn-trixie" in args.systems:
+        facts["trixie_rootfs"] = str(rootfs)
+    labels = {"tunvpn-venv": "tunvpn, venv", "tunvpn-bookworm": "tunvpn, bookworm's python3",
+              "tunvpn-trixie": "tunvpn, trixie's python3"}
     setups: dict[str, Callable[[Lab], System]] = {
-        "veth": setup_veth,
-        "wireguard-go": setup_wireguard_go,
-        **{key: (lambda lab, key=key, interp=interp: setup_tunvpn(lab, key, interp))
+        "veth": contestants.setup_veth,
+        "wireguard-go-bookworm": contestants.setup_wireguard_go_bookworm,
+        "openvpn": contestants.setup_openvpn,
+        "fastd": contestants.setup_fastd,
+        **{key: (lambda lab, key=key, interp=interp: contestants.setup_tunvpn(lab, key, labels[key], interp))
            for key, interp in interpreters.items()},
     }
+    if wireguard_go_trixie is not None:
+        setups["wireguard-go-trixie"] = lambda lab: contestants.setup_wireguard_go_trixie(lab, wireguard_go_trixie)
+    rounds: dict[str, list[Round]] = {}
     with Lab() as lab:
         systems = []
         for key in args.systems:
             progress(f"setting up {key}")
             systems.append(setups[key](lab))
+            rounds[key] = []
         for number in range(args.rounds):
-            for system in systems[number % len(systems):] + systems[:number % len(systems)]:
-                system.rounds.append(measure_round(system, args.seconds, args.pings, args.ping_interval))
-                progress(f"round {number + 1}/{args.rounds} {system.key}: {system.rounds[-1].mbps:.0f} Mbit/s, "
-                         f"RTT avg {system.rounds[-1].rtt_avg_ms:.3f} ms")
+            for system in interleaved(systems, number):
+                result = measure_round(system, args)
+                rounds[system.key].append(result)
+                progress(f"round {number + 1}/{args.rounds} {system.key}: {result.single.mbps:.0f} Mbit/s "
+                         f"1 stream, {result.multi.mbps:.0f} Mbit/s {MULTI_STREAMS} streams, "
+                         f"load {result.single.load1_before:.2f}")
         progress("cleaning up")
     facts["loadavg_after"] = os.getloadavg()
-    summaries = {system.key: summarize(system) for system in systems}
-    print("## tunvpn benchmark: single TCP stream and ping through the tunnel\n")
-    print(markdown_table(systems, summaries))
-    print()
-    print(facts_text(facts, interpreters, args))
     return {
         "machine": facts,
-        "settings": {"rounds": args.rounds, "seconds": args.seconds, "pings": args.pings,
-                     "ping_interval": args.ping_interval, "tunnel_mtu": TUNNEL_MTU},
-        "systems": {system.key: {"label": system.label, **system.details, "summary": summaries[system.key],
-                                 "rounds": [asdict(r) for r in system.rounds]} for system in systems},
+        "settings": {"rounds": args.rounds, "seconds": args.seconds, "multi_streams": MULTI_STREAMS,
+                     "pings": args.pings, "ping_interval": args.ping_interval,
+                     "loaded_ping_interval": args.loaded_ping_interval, "tunnel_mtu": contestants.TUNNEL_MTU},
+        "interpreters": {key: asdict(interp) for key, interp in interpreters.items()},
+        "systems": {system.key: system_results(system, [asdict(r) for r in rounds[system.key]], facts["cpus"])
+                    for system in systems},
     }
+
+
+def system_results(system: System, rows: list[dict[str, Any]], cpus: int) -> dict[str, Any]:
+    return {"label": system.label, **system.details, "summary": report.summarize(rows, cpus), "rounds": rows}
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    """results.json (every round), results.md (the tables and facts) and the chart, side by side."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown = report.markdown(results)
+    (out / "results.md").write_text(markdown)
+    print(markdown)
+    chart = subprocess.run([str(BENCH_VENV / "bin" / "python"), str(Path(__file__).resolve().parent / "chart.py"),
+                            str(out / "results.json"), str(out / "throughput.png")], timeout=120)
+    if chart.returncode != 0:
+        raise BenchError(f"drawing the chart failed with exit code {chart.returncode}")
+    progress(f"results: {out}/results.md, results.json, throughput.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="tunvpn-bench-"))
     try:
-        results = run(args)
+        results = run(args, workdir)
+        results["machine"]["runtime_seconds"] = round(time.monotonic() - started, 1)
+        write_results(results, args.out)
     except KeyboardInterrupt:
         progress("\ninterrupted; cleaned up")
         return 130
     except LabError as exc:
         progress(f"benchmark failed: {exc}")
         return 1
-    results["machine"]["runtime_seconds"] = round(time.monotonic() - started, 1)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        progress(f"raw numbers: {args.json}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
