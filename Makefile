@@ -17,12 +17,13 @@ PACKAGE_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all
 # The Ansible role's tests: SSH into those hosts, and `vagrant validate` of the Vagrantfile.
 ANSIBLE_APT_PACKAGES := openssh-client vagrant
 
-.PHONY: test unit demo bench deps package-deps deb package-test venv check-root clean
+.PHONY: test unit fuzz demo bench deps package-deps deb package-test venv check-root clean
 
 # tests/package and tests/ansible test the .deb on systemd hosts, not an interpreter: one run suffices.
 test: check-root deps venv deb
 	tools/run-pytest $(VENV)/bin/python --ignore=tests/package --ignore=tests/ansible $(PYTEST_ARGS)
-	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider --ignore=tests/package --ignore=tests/ansible $(PYTEST_ARGS)
+	TUNVPN_EXPECT_DEBIAN_LIBS=1 tools/run-pytest $(DEBIAN_PYTHON) -p no:cacheprovider --ignore=tests/package --ignore=tests/ansible \
+		--ignore=tests/fuzz/test_campaign.py $(PYTEST_ARGS)
 	tools/run-pytest $(VENV)/bin/python tests/package tests/ansible $(PYTEST_ARGS)
 
 # build/tunvpn_VERSION_all.deb, built from a clean copy of the tree and checked by lintian --pedantic.
@@ -43,6 +44,11 @@ demo: check-root deps
 BENCH_ARGS ?=
 bench: check-root deps venv
 	$(DEBIAN_PYTHON) benchmarks/throughput.py --out build/bench $(BENCH_ARGS)
+
+# Every fuzz target under atheris for FUZZ_SECONDS each (make test runs 8 s each); crashes fail it.
+fuzz: venv
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-300} FUZZ_RUNS=$${FUZZ_RUNS:-100000000} \
+		tools/run-pytest $(VENV)/bin/python -s tests/fuzz/test_campaign.py $(PYTEST_ARGS)
 
 # The tests that need no root, under the venv only: the quick loop while coding.
 unit: venv

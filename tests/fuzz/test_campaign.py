@@ -1,0 +1,48 @@
+"""The bounded fuzz campaign `make test` runs: every target under atheris, >= 1M inputs in all.
+
+Each target runs in its own process (libFuzzer exits when done) for FUZZ_SECONDS or
+FUZZ_RUNS inputs, whichever comes first; an exception out of tunvpn fails the test with the
+crashing input's path and traceback.  The figures go to stdout and build/fuzz.json.
+Runs under the venv only: atheris is a venv package (tools/test-requirements.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from campaign import campaign
+from targets import NAMES
+
+SECONDS_PER_TARGET = int(os.environ.get("FUZZ_SECONDS", "8"))
+RUNS_PER_TARGET = int(os.environ.get("FUZZ_RUNS", "400000"))
+MIN_TOTAL_INPUTS = 1_000_000
+FIGURES = Path(__file__).resolve().parents[2] / "build" / "fuzz.json"
+
+
+def test_every_target_survives_a_bounded_campaign(tmp_path):
+    figures: dict[str, dict[str, float]] = {}
+    started = time.monotonic()
+    for name in NAMES:
+        inputs, seconds, _ = campaign(name, RUNS_PER_TARGET, SECONDS_PER_TARGET, tmp_path / name)
+        figures[name] = {"inputs": inputs, "seconds": seconds}
+        print(f"fuzzed {name:15} {inputs:>9} inputs in {seconds:.0f} s")
+    total = sum(f["inputs"] for f in figures.values())
+    print(f"fuzzed {len(NAMES)} targets: {total} inputs in {time.monotonic() - started:.0f} s")
+    FIGURES.parent.mkdir(exist_ok=True)
+    FIGURES.write_text(json.dumps({"targets": figures, "total_inputs": total}, indent=2) + "\n")
+    assert total >= MIN_TOTAL_INPUTS, f"only {total} inputs in all"
+    slow = {name: f["inputs"] for name, f in figures.items() if f["inputs"] < 20_000}
+    assert not slow, f"targets that ran too few inputs to mean much: {slow}"
+
+
+def test_a_campaign_reports_the_bug_it_finds(tmp_path):
+    """The canary target raises one byte away from its seed: the campaign must fail and keep the input."""
+    with pytest.raises(RuntimeError, match="the canary sang"):
+        campaign("canary", 1_000_000, 30, tmp_path)
+    crashes = list(tmp_path.glob("crash-*"))
+    assert crashes and crashes[0].read_bytes()[:4] == b"FUZZ"
