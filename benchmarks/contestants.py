@@ -147,10 +147,11 @@ def first_on_path(directory: Path) -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def setup_wireguard_go(lab: Lab, key: str, label: str, binary_dir: Path | None) -> System:
+def setup_wireguard_go(lab: Lab, key: str, label: str, binary: Path) -> System:
+    """wireguard-go `binary` at both ends, configured with wg; checked to be what really runs."""
     server_host, client_host = cable(lab, key.replace("-", "_"))
     server_key, client_key = genkey(), genkey()
-    with first_on_path(binary_dir) if binary_dir else contextlib.nullcontext():
+    with first_on_path(binary.parent):
         server = StockWireGuard(server_host, lab.unique_ifname("wg"), server_key, listen_port=VPN_PORT)
         client = StockWireGuard(client_host, lab.unique_ifname("wg"), client_key)
     server.set_peer(pubkey(client_key), allowed_ips=[f"{CLIENT_TUNNEL}/32"])
@@ -158,22 +159,26 @@ def setup_wireguard_go(lab: Lab, key: str, label: str, binary_dir: Path | None) 
     for end, address in ((server, SERVER_TUNNEL), (client, CLIENT_TUNNEL)):
         end.add_address(f"{address}/24")
         end.set_up(mtu=TUNNEL_MTU)
-    return finish(key, label, server_host, client_host, lambda: server.log()[-2000:] + client.log()[-2000:])
+    system = finish(key, label, server_host, client_host, lambda: server.log()[-2000:] + client.log()[-2000:])
+    running = {os.path.realpath(f"/proc/{pid}/exe") for pid in system.vpn_pids}
+    if running != {os.path.realpath(binary)}:
+        raise BenchError(f"{key}: expected {binary} at both ends, found {sorted(running)}")
+    system.details["binary"] = {"path": str(binary), "version_output": first_line([str(binary), "--version"])}
+    return system
 
 
 def setup_wireguard_go_bookworm(lab: Lab) -> System:
-    version = debian_version("wireguard-go")
-    return setup_wireguard_go(lab, "wireguard-go-bookworm", f"wireguard-go {version} (bookworm)", None)
+    binary = shutil.which("wireguard-go")
+    if binary is None:
+        raise BenchError("wireguard-go not found: install it with `tools/ensure-deps wireguard-go`")
+    return setup_wireguard_go(lab, "wireguard-go-bookworm",
+                              f"wireguard-go {debian_version('wireguard-go')} (bookworm)", Path(binary))
 
 
 def setup_wireguard_go_trixie(lab: Lab, build: trixie.UnpackedBinary) -> System:
     system = setup_wireguard_go(lab, "wireguard-go-trixie", f"wireguard-go {build.package_version} (trixie)",
-                                build.path.parent)
-    binaries = {os.readlink(f"/proc/{pid}/exe") for pid in system.vpn_pids}
-    if binaries != {str(build.path)}:
-        raise BenchError(f"wireguard-go-trixie: expected {build.path} at both ends, found {sorted(binaries)}")
-    system.details["binary"] = {"path": str(build.path), "package_version": build.package_version,
-                                "version_output": first_line([str(build.path), "--version"])}
+                                build.path)
+    system.details["binary"]["package_version"] = build.package_version
     return system
 
 

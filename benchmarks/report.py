@@ -104,10 +104,11 @@ def facts_text(results: dict[str, Any]) -> str:
         lines.append(f"- {key}: {where}: python {interp['python_version']}, cryptography "
                      f"{interp['cryptography_version']} ({interp['cryptography_dir']}), "
                      f"pyroute2 {interp['pyroute2_version']}")
-    binary = results["systems"].get("wireguard-go-trixie", {}).get("binary")
-    if binary:
-        lines.append(f"- wireguard-go trixie: package {binary['package_version']}, {binary['path']}, "
-                     f"which calls itself `{binary['version_output']}`")
+    for key, system in results["systems"].items():
+        if "binary" in system:
+            package = f"package {system['binary']['package_version']}, " if "package_version" in system["binary"] else ""
+            lines.append(f"- {key}: {package}{system['binary']['path']}, which calls itself "
+                         f"`{system['binary']['version_output']}`")
     lines.append(f"- {settings['rounds']} interleaved rounds per system; each: {settings['pings']} pings every "
                  f"{settings['ping_interval']:g} s on the idle tunnel, iperf3 -t {settings['seconds']} with one "
                  f"TCP stream client -> server and pings every {settings['loaded_ping_interval']:g} s alongside "

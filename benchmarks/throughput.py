@@ -272,7 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench",
                         help="results.json, results.md and throughput.png go here")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=10, help="length of each iperf3 test")
     parser.add_argument("--pings", type=int, default=20, help="echo requests on the idle tunnel")
     parser.add_argument("--ping-interval", type=float, default=0.05)

@@ -1,8 +1,8 @@
 """What the benchmark takes from Debian trixie without installing anything of it on this machine.
 
 - wireguard-go's trixie build (batched I/O and tun offloads, which bookworm's lacks): its .deb is
-  fetched with a throwaway apt source list and state under CACHE_ROOT, then unpacked there with
-  `dpkg-deb -x`; the system's wireguard-go and apt state stay as they are.
+  fetched once with a throwaway apt source list, lists and cache, then unpacked into CACHE_ROOT
+  with `dpkg-deb -x`; the system's wireguard-go and apt state stay as they are.
 - trixie's python3 and python3-cryptography: the cached rootfs of tests/systemdhosts.py (built
   through it if missing), entered through `rootfs-exec` (a private overlay and chroot per process).
 """
@@ -68,9 +68,10 @@ def _apt_options(apt_dir: Path) -> list[str]:
 
 
 def _download_deb(package: str, into: Path) -> Path:
-    apt_dir = CACHE_ROOT / f"apt-{SUITE}"
+    """`apt-get download` from trixie with a throwaway source list, lists and cache under `into`."""
+    apt_dir = into / "apt"
     for directory in ("sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"):
-        (apt_dir / directory).mkdir(parents=True, exist_ok=True)
+        (apt_dir / directory).mkdir(parents=True)
     (apt_dir / "sources.list").write_text(
         f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {debian_mirror()} {SUITE} main\n")
     options = _apt_options(apt_dir)
