@@ -52,10 +52,11 @@ def draw(results: dict[str, Any], out: Path) -> None:
     cpu.set_yticklabels([])
     machine = results["machine"]
     veth = results["systems"].get("veth", {}).get("summary", {}).get("single_mbps")
+    rounds = results["settings"]["rounds"]
     ceiling = f"; raw veth {veth['median']:.0f} Mbit/s" if veth else ""
     figure.suptitle(f"tunvpn bench {machine['date_utc']}: {machine['cpus']} x {machine['cpu']}, "
                     f"load {machine['loadavg_before'][0]:.1f} before{ceiling}; median, whiskers min-max "
-                    f"of {results['settings']['rounds']} rounds", fontsize=9)
+                    f"of {rounds} round{'s' if rounds != 1 else ''}", fontsize=9)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
