@@ -145,6 +145,21 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
+@dataclass(frozen=True)
+class Counters:
+    """What the CPU counters and the clock said at one instant."""
+
+    vpn_cpu: float
+    machine_busy: float
+    steal: float
+    monotonic: float
+
+
+def read_counters(system: System) -> Counters:
+    busy, steal = machine_cpu_seconds()
+    return Counters(process_cpu_seconds(system.vpn_pids), busy, steal, time.monotonic())
+
+
 def iperf_listening(system: System, server: subprocess.Popen[Any]) -> bool:
     if server.poll() is not None:
         raise BenchError(f"{system.key}: the iperf3 server exited early with {server.returncode}")
@@ -152,10 +167,24 @@ def iperf_listening(system: System, server: subprocess.Popen[Any]) -> bool:
 
 
 def finish_process(process: subprocess.Popen[str], timeout: float, what: str) -> tuple[str, str]:
+    """Its stdout and stderr, once it exited by itself within `timeout`."""
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise BenchError(f"{what} did not finish within {timeout:g} s") from None
+
+
+def transfer_from(iperf_report: dict[str, Any], system: System, streams: int, seconds: int, load1: float,
+                  before: Counters, after: Counters) -> Transfer:
+    end = iperf_report["end"]
+    received, cpu = end["sum_received"], end.get("cpu_utilization_percent", {})
+    return Transfer(
+        streams=streams, mbps=received["bits_per_second"] / 1e6, bytes_received=int(received["bytes"]),
+        seconds=float(received["seconds"]), retransmits=int(end["sum_sent"].get("retransmits", 0)),
+        vpn_cpu_seconds=after.vpn_cpu - before.vpn_cpu if system.vpn_pids else None,
+        iperf_cpu_seconds=(cpu.get("host_total", 0.0) + cpu.get("remote_total", 0.0)) / 100 * seconds,
+        machine_busy_seconds=after.machine_busy - before.machine_busy, steal_seconds=after.steal - before.steal,
+        wall_seconds=after.monotonic - before.monotonic, load1_before=load1)
 
 
 def measure_transfer(system: System, seconds: int, streams: int,
@@ -168,9 +197,7 @@ def measure_transfer(system: System, seconds: int, streams: int,
         wait_until(lambda: iperf_listening(system, server), 5.0, interval=0.02,
                    what=f"iperf3 to listen in {system.key}")
         load1 = os.getloadavg()[0]
-        vpn_before = process_cpu_seconds(system.vpn_pids)
-        busy_before, steal_before = machine_cpu_seconds()
-        started = time.monotonic()
+        before = read_counters(system)
         client = system.client.popen(["iperf3", "-c", system.target, "-p", str(IPERF_PORT), "-t", str(seconds),
                                       "-P", str(streams), "-J", "--connect-timeout", "3000"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,15 +206,16 @@ def measure_transfer(system: System, seconds: int, streams: int,
         if loaded_ping_interval is not None:
             count = max(1, int((seconds - 1) / loaded_ping_interval))
             pinger = system.client.popen(ping_command(system.target, count, loaded_ping_interval),
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             processes.append(pinger)
         output, errors = finish_process(client, seconds + IPERF_GRACE_SECONDS, f"{system.key}: iperf3")
-        wall = time.monotonic() - started
-        vpn_after = process_cpu_seconds(system.vpn_pids)
-        busy_after, steal_after = machine_cpu_seconds()
-        report_json = json.loads(output) if output.strip() else {"error": errors.strip()}
-        if client.returncode != 0 or "error" in report_json:
-            raise BenchError(f"{system.key}: iperf3 failed ({client.returncode}): {report_json.get('error')}")
+        after = read_counters(system)
+        try:
+            iperf_report = json.loads(output)
+        except ValueError:
+            iperf_report = {"error": (errors.strip() or output.strip())[-500:]}
+        if client.returncode != 0 or "error" in iperf_report:
+            raise BenchError(f"{system.key}: iperf3 failed ({client.returncode}): {iperf_report.get('error')}")
         loaded = None
         if pinger is not None:
             loaded = parse_ping(system, finish_process(pinger, 2 * seconds + 5, f"{system.key}: ping")[0])
@@ -195,17 +223,7 @@ def measure_transfer(system: System, seconds: int, streams: int,
     finally:
         for process in processes:
             stop_process(process, term_grace=1.0)
-    end = report_json["end"]
-    cpu = end.get("cpu_utilization_percent", {})
-    received = end["sum_received"]
-    transfer = Transfer(
-        streams=streams, mbps=received["bits_per_second"] / 1e6, bytes_received=int(received["bytes"]),
-        seconds=float(received["seconds"]), retransmits=int(end["sum_sent"].get("retransmits", 0)),
-        vpn_cpu_seconds=vpn_after - vpn_before if system.vpn_pids else None,
-        iperf_cpu_seconds=(cpu.get("host_total", 0.0) + cpu.get("remote_total", 0.0)) / 100 * seconds,
-        machine_busy_seconds=busy_after - busy_before, steal_seconds=steal_after - steal_before,
-        wall_seconds=wall, load1_before=load1)
-    return transfer, loaded
+    return transfer_from(iperf_report, system, streams, seconds, load1, before, after), loaded
 
 
 def measure_round(system: System, args: argparse.Namespace) -> Round:
