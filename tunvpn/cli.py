@@ -60,6 +60,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .daemon import Options
     from .io.controlsocket import ControlSocketError
+    from .io.metrics import MetricsError
     from .io.netlink import NetlinkError
     from .io.tun import TunError
     from .io.udp import UdpError
@@ -79,7 +80,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         from .client import Client as role
     try:
         return role(config, options).run()
-    except (TunError, NetlinkError, UdpError, ControlSocketError) as exc:
+    except (TunError, NetlinkError, UdpError, ControlSocketError, MetricsError) as exc:
         logging.getLogger("tunvpn").error("%s", exc)
         return 1
 

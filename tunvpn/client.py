@@ -131,7 +131,8 @@ class Client(Daemon):
             self._request_id = self._request_id % 0xFFFF + 1
         self._requests_sent += 1
         self._next_request = now + REQUEST_INTERVAL
-        request = control.encode(control.ConfigRequest(self._request_id))
+        # The addresses held from the last push: a server that lost its leases gives them back.
+        request = control.encode(control.ConfigRequest(self._request_id, list(self._applied_addresses)))
         self.device.send_to_peer(self.server.public_key, [request], now)
 
     def _fall_back_to_local(self) -> None:

@@ -70,6 +70,9 @@ class InterfaceConfig:
     dns_search: list[str] = field(default_factory=list)
     # whether the MTU line was written: a client lets a pushed MTU replace only the default
     mtu_configured: bool = False
+    # Prometheus metrics: served over HTTP at this (address, port), and/or written to this file
+    metrics_listen: tuple[str, int] | None = None
+    metrics_file: str | None = None
 
     def pool_subnet(self, version: int) -> IPInterface | None:
         """The server Address whose subnet holds the pool: pushed addresses take its prefix length."""
@@ -88,6 +91,7 @@ class PeerConfig:
     endpoint_address: tuple | None  # socket address, when resolved at load
     persistent_keepalive: int
     line: int  # the [Peer] header, so later errors can point at it
+    name: str | None = None  # for people and dashboards (show, metrics labels)
 
 
 @dataclass(frozen=True)
@@ -487,6 +491,33 @@ def _parse_state_directory(value: str, ctx: _Context) -> str:
     return value
 
 
+def _parse_metrics_file(value: str, ctx: _Context) -> str:
+    path = _parse_state_directory(value, ctx)
+    if path.endswith("/"):
+        raise ValueError(f"'{value}' names a directory; give the file, like /var/lib/prometheus/node-exporter/tunvpn.prom")
+    return path
+
+
+def _parse_metrics_listen(value: str, ctx: _Context) -> tuple[str, int]:
+    """IP:PORT or [IPV6]:PORT: an address literal, so binding never waits for DNS."""
+    host, port = _parse_endpoint(value, ctx)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value}: give an IP address to listen on, like 127.0.0.1:9586") from None
+    return host, port
+
+
+_PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def _parse_name(value: str, ctx: _Context) -> str:
+    if not _PEER_NAME.fullmatch(value):
+        raise ValueError(f"'{value}' is not a name: up to 64 letters, digits and . _ @ + -, starting with a "
+                         "letter or digit")
+    return value
+
+
 def _is_dns_name(text: str) -> bool:
     name = text[:-1] if text.endswith(".") else text
     labels = name.split(".")
@@ -603,6 +634,8 @@ INTERFACE_KEYS: tuple[Key, ...] = (
         roles=SERVER, wrong_role_hint="set PersistentKeepalive in the [Peer]"),
     Key("DNS", "dns", _parse_dns, repeats=True, roles=CLIENT,
         wrong_role_hint="use PushDNS to give clients DNS servers"),
+    Key("MetricsListen", "metrics_listen", _parse_metrics_listen),
+    Key("MetricsFile", "metrics_file", _parse_metrics_file),
 )
 
 PEER_KEYS: tuple[Key, ...] = (
@@ -612,6 +645,7 @@ PEER_KEYS: tuple[Key, ...] = (
     Key("AllowedIPs", "allowed_ips", _parse_allowed_ips, repeats=True),
     Key("Endpoint", "endpoint", _parse_endpoint),
     Key("PersistentKeepalive", "persistent_keepalive", _parse_keepalive, default=0),
+    Key("Name", "name", _parse_name),
 )
 
 

@@ -21,12 +21,14 @@ from typing import Callable
 from .config import Config, ConfigError, PeerConfig, load_config
 from .io.controlsocket import DEFAULT_RUN_DIR, ControlServer
 from .io.loop import EventLoop, Faults
+from .io.metrics import MetricsServer, write_metrics_file
 from .io.worker import InlineWorker, Worker
 from .io.netlink import LinkSetup, NetlinkError
 from .io.systemd import Notifier
 from .io.tun import TunDevice
 from .io.udp import UdpTransport
 from .keys import encode_key
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render as render_metrics
 from .protocol.device import (
     DEFAULT_LOAD_THRESHOLD,
     CookieReceived,
@@ -42,6 +44,7 @@ from .protocol.timers import REKEY_ATTEMPT_TIME
 log = logging.getLogger("tunvpn")
 
 STATUS_INTERVAL = 1.0  # seconds between two STATUS= updates at most
+METRICS_FILE_INTERVAL = 15.0  # a textfile collector is read at each scrape; 15 s is Prometheus's default interval
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -115,6 +118,8 @@ class Daemon:
         self._routes: list[IPNetwork] = []  # the routes into the tun the config asks for
         self.refused: dict[str, str] = {}  # system changes the kernel refused: what -> why and what to do
         self._status_due: float | None = None  # when STATUS= is next sent (None: nothing new to say)
+        self._metrics_file_at = 0.0
+        self._metrics_file_error: str | None = None
         self._status_sent = float("-inf")
         self.faults = Faults()
         self.peer_log = PeerLogLimit()
@@ -242,8 +247,9 @@ class Daemon:
             cleanup.callback(control.close)
             self.resolver, self.system = Worker("resolver"), Worker("system")
             cleanup.callback(self._stop_workers)
+            services = [control, self.resolver, self.system, *self._metrics_endpoint(cleanup)]
             self.loop = EventLoop(self.device, self.tun, self.udp, on_event=self._on_event, on_tick=self._on_tick,
-                                  services=(control, self.resolver, self.system), faults=self.faults)
+                                  services=tuple(services), faults=self.faults)
             self.loop.signal_handlers[signal.SIGHUP] = self.reload
             self.loop.signal_handlers[signal.SIGUSR2] = self.log_statistics
             cleanup.callback(self.loop.close)
@@ -266,6 +272,37 @@ class Daemon:
             self.loop.flush()
         return 0
 
+    def _metrics_endpoint(self, cleanup: ExitStack) -> list[MetricsServer]:
+        listen = self.config.interface.metrics_listen
+        if listen is None:
+            return []
+        server = MetricsServer(listen, lambda: render_metrics(self.status()), METRICS_CONTENT_TYPE)
+        cleanup.callback(server.close)
+        log.info("metrics at http://%s/metrics", format_endpoint((listen[0], server.port)))
+        return [server]
+
+    def _write_metrics_file(self, now: float) -> float | None:
+        """Every METRICS_FILE_INTERVAL: render on the loop, write beside it (a failure is logged)."""
+        path = self.config.interface.metrics_file
+        if path is None:
+            return None
+        if now >= self._metrics_file_at:
+            self._metrics_file_at = now + METRICS_FILE_INTERVAL
+            text = render_metrics(self.status())
+            self.system.submit(f"writing {path}", lambda: write_metrics_file(path, text),
+                               lambda _, error: self._metrics_written(path, error), key="metrics")
+        return self._metrics_file_at
+
+    def _metrics_written(self, path: str, error: BaseException | None) -> None:
+        if isinstance(error, OSError):
+            if self._metrics_file_error != str(error):  # once per kind of failure, not every 15 s
+                log.warning("cannot write metrics to %s: %s", path, error.strerror or error)
+            self._metrics_file_error = str(error)
+        elif error is not None:
+            raise error
+        else:
+            self._metrics_file_error = None
+
     def _stop_workers(self) -> None:
         for worker in (self.resolver, self.system):
             if isinstance(worker, Worker):
@@ -287,7 +324,7 @@ class Daemon:
             self._status_due = max(time.monotonic(), self._status_sent + STATUS_INTERVAL)
 
     def _on_tick(self, now: float) -> float | None:
-        deadline = self.tick(now)
+        deadline = _earliest(self.tick(now), self._write_metrics_file(now))
         if self._status_due is not None:
             if now >= self._status_due:
                 self._status_due, self._status_sent = None, now
@@ -350,6 +387,7 @@ class Daemon:
 
     def status(self) -> dict:
         peers = []
+        names = {peer.public_key: peer.name for peer in self.config.peers if peer.name}
         for key in self.device.peer_keys():
             peer = self.device.peer_stats(key)
             allowed = peer.allowed_ips
@@ -357,6 +395,8 @@ class Daemon:
             v4 = [str(a) for a in hosts if a.version == 4]
             peers.append({
                 "public_key": encode_key(peer.public_key),
+                "name": names.get(peer.public_key),
+                "connected": peer.has_session,
                 "endpoint": format_endpoint(peer.endpoint),
                 "allowed_ips": [str(net) for net in allowed],
                 "address": v4[0] if v4 else (str(hosts[0]) if hosts else None),
@@ -421,6 +461,7 @@ class Daemon:
 RESTART_SETTINGS = {
     "private_key": "PrivateKey", "listen_port": "ListenPort", "device": "Device", "addresses": "Address",
     "mtu": "MTU", "dns": "DNS", "dns_search": "DNS", "state_directory": "StateDirectory",
+    "metrics_listen": "MetricsListen",
 }
 
 
@@ -447,3 +488,7 @@ def _advice(what: str, code: int | None) -> str:
     if code == errno.EPERM:
         return "; the daemon lacks CAP_NET_ADMIN"
     return ""
+
+
+def _earliest(*deadlines: float | None) -> float | None:
+    return min((deadline for deadline in deadlines if deadline is not None), default=None)

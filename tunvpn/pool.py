@@ -128,6 +128,10 @@ class _FamilyPool:
     def take(self, value: int, key: bytes) -> None:
         self.owners[value] = key
 
+    def usable(self) -> int:
+        """Addresses clients can get: the range less what is excluded (the server's own, fixed ones)."""
+        return self.last - self.first + 1 - sum(last - first + 1 for first, last in self.blocked)
+
     def give_back(self, value: int) -> None:
         del self.owners[value]
         self.floor = min(self.floor, value)
@@ -218,6 +222,10 @@ class AddressPool:
 
     def leases(self) -> dict[bytes, Lease]:
         return dict(self._leases)
+
+    def usage(self) -> dict[int, tuple[int, int]]:
+        """IP version -> (addresses clients can get, addresses leased), for status and metrics."""
+        return {version: (family.usable(), len(family.owners)) for version, family in self._families.items()}
 
     def lease_of(self, public_key: bytes) -> Lease | None:
         """This key's lease, if it has one, without copying the table (a config request's lookup)."""

@@ -115,13 +115,17 @@ class Server(Daemon):
         return [net for peer in peers for net in peer.allowed_ips
                 if not any(net.version == s.version and net.subnet_of(s) for s in subnets)]
 
-    def _addresses_for(self, public_key: bytes) -> list:
-        """What to push as the client's address: its fixed address, else a pool lease."""
+    def _addresses_for(self, public_key: bytes, held: list | None = None) -> list:
+        """What to push as the client's address: its fixed address, else a pool lease. A client
+        without a lease here that `held` addresses from an earlier push gets those back if they are
+        free (the state file was lost), instead of whatever is lowest: another client's, maybe."""
         peer = self._configured[public_key]
         fixed = self.pool.fixed_lease(peer.allowed_ips)
         families = self._pool_families(self.pool, fixed)
         if families:
             before = self.pool.lease_of(public_key)
+            if before is None and held:
+                self.pool.restore({public_key: _lease_of(held, families)})  # what is taken or unusable stays out
             lease = self._lease(public_key, families)
             if lease != before:
                 self.state.leases[public_key] = lease
@@ -177,7 +181,8 @@ class Server(Daemon):
             self._save()
 
     def status_extra(self) -> dict:
-        return {"client_to_client": bool(self.config.interface.client_to_client), "pushed": None}
+        pool = {str(version): {"size": size, "leased": leased} for version, (size, leased) in self.pool.usage().items()}
+        return {"client_to_client": bool(self.config.interface.client_to_client), "pushed": None, "pool": pool}
 
     def peer_status_extra(self, public_key: bytes) -> dict:
         return {"tunvpn": public_key in self.tunvpn_peers}
@@ -221,7 +226,8 @@ class Server(Daemon):
                 return
             self._last_request[public_key] = now
             self.tunvpn_peers.add(public_key)
-            self.device.send_to_peer(public_key, [self._encoded_answer(public_key, message.request_id)], now)
+            self.device.send_to_peer(public_key, [self._encoded_answer(public_key, message.request_id, message.addresses)],
+                                     now)
         elif isinstance(message, control.Goodbye):
             if self.peer_log.allow(public_key, "goodbye", now):
                 log.info("peer %s: said goodbye (%s)", short_key(public_key), message.reason or "no reason")
@@ -229,17 +235,17 @@ class Server(Daemon):
         else:
             self.device.count_drop(public_key, "unexpected_control_message")
 
-    def _encoded_answer(self, public_key: bytes, request_id: int) -> bytes:
-        answer = self._answer(public_key, request_id)
+    def _encoded_answer(self, public_key: bytes, request_id: int, held: list | None = None) -> bytes:
+        answer = self._answer(public_key, request_id, held)
         try:
             return control.encode(answer)
         except control.ControlError as exc:  # check-config guards against this; never crash on it
             log.error("cannot push config to peer %s: %s", short_key(public_key), exc)
             return control.encode(control.ConfigRefused(request_id, "the server's push does not fit a message"))
 
-    def _answer(self, public_key: bytes, request_id: int):
+    def _answer(self, public_key: bytes, request_id: int, held: list | None = None):
         try:
-            addresses = self._addresses_for(public_key)
+            addresses = self._addresses_for(public_key, held)
         except PoolExhausted as exc:
             log.warning("peer %s: no address to give: %s", short_key(public_key), exc)
             return control.ConfigRefused(request_id, f"address pool exhausted: {exc}")
@@ -287,6 +293,12 @@ def _push_settings(config: Config) -> tuple:
     interface = config.interface
     return (tuple(interface.push_routes), tuple(interface.push_dns), tuple(interface.push_dns_search),
             interface.push_keepalive)
+
+
+def _lease_of(held: list, families: list[int]) -> Lease:
+    """A lease of the first held address of each pool family (a client holds at most one each)."""
+    first = {version: next((a for a in held if a.version == version), None) for version in (4, 6)}
+    return Lease(first[4] if 4 in families else None, first[6] if 6 in families else None)
 
 
 def _describe_lease(lease: Lease) -> str:

@@ -115,6 +115,8 @@ def _interface_lines(status: dict) -> list[str]:
 
 def _peer_lines(peer: dict, now: float) -> list[str]:
     lines = [f"peer: {peer.get('public_key', '?')}"]
+    if peer.get("name"):
+        lines.append(f"  name: {peer['name']}")
     if peer.get("endpoint"):
         lines.append(f"  endpoint: {peer['endpoint']}")
     lines.append(f"  allowed ips: {_join(peer.get('allowed_ips', []))}")

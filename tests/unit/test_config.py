@@ -1145,3 +1145,36 @@ def test_rules_across_sections_are_all_reported_once_each_section_is_sound(tmp_p
         load_config(path, role="server", resolve=False)
     keys_blamed = [error.key for error in getattr(caught.value, "errors", [caught.value])]
     assert keys_blamed == ["PublicKey", "AllowedIPs"], keys_blamed  # the same peer twice, and its overlap
+
+
+def test_metrics_keys_and_peer_names(tmp_path: Path, keys: Keys) -> None:
+    ph = keys.placeholders()
+    text = conf("[Interface]", "PrivateKey = {priv}", "MetricsListen = [::1]:9586",
+                "MetricsFile = /var/lib/prometheus/node-exporter/tunvpn.prom",
+                "[Peer]", "PublicKey = {pub1}", "Name = alice.laptop").format(**ph)
+    config = load_config(write(tmp_path / "wg0.conf", text, 0o600), role="server", resolve=False)
+    assert config.interface.metrics_listen == ("::1", 9586)
+    assert config.interface.metrics_file == "/var/lib/prometheus/node-exporter/tunvpn.prom"
+    assert config.peers[0].name == "alice.laptop"
+
+
+@pytest.mark.parametrize("line, key, reason", [
+    ("MetricsListen = localhost:9586", "MetricsListen", "give an IP address to listen on"),
+    ("MetricsListen = 127.0.0.1", "MetricsListen", "missing :port"),
+    ("MetricsFile = metrics.prom", "MetricsFile", "is not an absolute path"),
+    ("MetricsFile = /var/lib/", "MetricsFile", "names a directory"),
+])
+def test_metrics_keys_are_checked(tmp_path: Path, keys: Keys, line: str, key: str, reason: str) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", line).format(**keys.placeholders())
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path / "wg0.conf", text, 0o600), role="server", resolve=False)
+    assert (caught.value.line, caught.value.key) == (3, key) and reason in caught.value.reason
+
+
+@pytest.mark.parametrize("name", ["", "has space", '"quoted"', "-dash-first", "x" * 65, "ünïcode"])
+def test_a_peer_name_is_a_plain_label(tmp_path: Path, keys: Keys, name: str) -> None:
+    text = conf("[Interface]", "PrivateKey = {priv}", "[Peer]", "PublicKey = {pub1}", f"Name = {name}")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path / "wg0.conf", text.format(**keys.placeholders()), 0o600), role="server",
+                    resolve=False)
+    assert caught.value.key == "Name" and "is not a name" in caught.value.reason

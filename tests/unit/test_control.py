@@ -222,13 +222,21 @@ def test_unknown_attributes_are_skipped(kind: int) -> None:
     assert decode(message(kind, *mixed, request_id=8)) is not None
 
 
+def test_a_request_carries_the_addresses_the_client_holds() -> None:
+    held = [ip_interface("203.0.113.7/24"), ip_interface("2001:db8:100::7/64")]
+    assert decode(message(1, attr(1, v4("203.0.113.7", 24)), request_id=3)) == ConfigRequest(3, held[:1])
+    assert decode(encode(ConfigRequest(4, held))) == ConfigRequest(4, held)
+    with pytest.raises(ControlError):
+        encode(ConfigRequest(5, held * 3))  # more than MAX_ADDRESSES
+
+
 def test_unknown_attributes_are_skipped_even_many_of_them() -> None:
     filler = attr(UNKNOWN_ATTRIBUTE, b"")
     assert decode(message(1, *[filler] * (MAX_BODY_SIZE // 2), request_id=2)) == ConfigRequest(2)
 
 
 def test_attributes_foreign_to_the_type_are_ignored_but_still_validated() -> None:
-    assert decode(message(1, attr(1, v4("203.0.113.7", 24)), request_id=3)) == ConfigRequest(3)
+    assert decode(message(1, attr(4, b"\x05\x8c"), request_id=3)) == ConfigRequest(3)
     assert decode(message(3, attr(4, b"\x05\x8c"), attr(6, b"bye"))) == Goodbye("bye")
     with pytest.raises(ControlError):
         decode(message(1, attr(1, v4("203.0.113.7", 40))))

@@ -63,11 +63,12 @@ def make_server(tmp_path: Path, text: str) -> Server:
     return server
 
 
-def ask(server: Server, name: str, now: float = 0.0) -> control.ConfigPush | control.ConfigRefused:
-    """A client's config request, answered; returns the server's answer."""
+def ask(server: Server, name: str, now: float = 0.0, held: tuple[str, ...] = ()) -> control.ConfigPush | control.ConfigRefused:
+    """A client's config request (naming the addresses it `held`), answered; returns the server's answer."""
     sent = []
     server.device.send_to_peer = lambda key, payloads, when: sent.extend(payloads)
-    server.handle_event(ControlReceived(PUB[name], control.encode(control.ConfigRequest(7))), now)
+    request = control.ConfigRequest(7, [ipaddress.ip_interface(a) for a in held])
+    server.handle_event(ControlReceived(PUB[name], control.encode(request)), now)
     del server.device.send_to_peer
     return control.decode(sent[0])
 
@@ -90,6 +91,15 @@ def test_leases_are_stable_and_distinct_and_survive_a_restart(tmp_path):
     server._save()
     again = make_server(tmp_path, server_text("abc"))
     assert {name: v4(ask(again, name, now=float(i))) for i, name in enumerate("abc")} == first
+
+
+def test_after_a_lost_state_file_each_client_gets_back_the_address_it_holds_whoever_asks_first(tmp_path):
+    server = make_server(tmp_path, server_text("abc"))
+    assert v4(ask(server, "b", held=("203.0.113.3/29", "2001:db8:100::3/64"))) == "203.0.113.3"
+    assert v4(ask(server, "a", now=1.0, held=("203.0.113.2/29",))) == "203.0.113.2"
+    assert v4(ask(server, "c", now=2.0, held=("203.0.113.2/29",))) == "203.0.113.4"  # a's: taken, so the lowest free
+    assert v4(ask(server, "b", now=3.0, held=("203.0.113.6/29",))) == "203.0.113.3"  # a lease here wins over a claim
+    assert v4(ask(server, "b", now=4.0)) == "203.0.113.3"
 
 
 def test_a_full_pool_takes_back_the_address_of_a_removed_peer(tmp_path):

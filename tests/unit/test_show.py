@@ -279,3 +279,9 @@ def test_refused_settings_and_internal_errors_are_shown() -> None:
             "Permission denied (EACCES)\n") in text
     assert "  internal errors (see the log): the EndpointChanged handler: ValueError 2\n" in text
     assert "refused" not in format_status(client_status(None) | {"refused": {}, "internal_errors": {}}, now=NOW)
+
+
+def test_a_named_peer_shows_its_name() -> None:
+    status = {"interface": "tv-x", "public_key": SERVER_KEY, "peers": [
+        {"public_key": ALICE, "name": "alice-laptop", "allowed_ips": [], "latest_handshake": None}]}
+    assert f"peer: {ALICE}\n  name: alice-laptop\n" in format_status(status, now=NOW)

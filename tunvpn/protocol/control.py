@@ -68,9 +68,14 @@ class AttributeType(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ConfigRequest:
-    """Client -> server: "tell me my configuration"; retries reuse the request id."""
+    """Client -> server: "tell me my configuration"; retries reuse the request id.
+
+    addresses: what the client holds from an earlier push, so a server that lost its leases
+    (a damaged state file) can give each client its own address back, whoever asks first.
+    """
 
     request_id: int
+    addresses: list[Interface] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +223,9 @@ def _reason_body(reason: str) -> list[bytes]:
 def encode(message: ControlMessage) -> bytes:
     """The message's bytes, unpadded; ControlError if it breaks a limit (decode would reject it)."""
     if isinstance(message, ConfigRequest):
-        kind, request_id, parts = MessageType.CONFIG_REQUEST, message.request_id, []
+        _check_count(AttributeType.ADDRESS, len(message.addresses))
+        parts = [_prefixed(AttributeType.ADDRESS, address) for address in message.addresses]
+        kind, request_id = MessageType.CONFIG_REQUEST, message.request_id
     elif isinstance(message, ConfigPush):
         kind, request_id, parts = MessageType.CONFIG_PUSH, message.request_id, _push_body(message)
     elif isinstance(message, ConfigRefused):
@@ -348,7 +355,7 @@ def decode(payload: bytes) -> ControlMessage | None:
         return None
     found = _parse_attributes(body)
     if kind == MessageType.CONFIG_REQUEST:
-        return ConfigRequest(request_id)
+        return ConfigRequest(request_id, found.addresses)
     if kind == MessageType.CONFIG_PUSH:
         return ConfigPush(
             request_id, found.addresses, found.routes, found.dns, found.search, found.mtu, found.keepalive

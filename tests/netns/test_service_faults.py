@@ -1,0 +1,122 @@
+"""Faults around a running server: it recovers, or refuses clearly and recovers once restarted;
+no client needs a manual restart and no lease is lost or handed to a second client.
+
+Topology: test_server_client's office with two tunvpn clients.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+
+import pytest
+
+from netlab import transfer, wait_until
+from test_server_client import LAN_HOST, MB, SERVER_TUNNEL, Office, build_office
+from tunvpnd import wait_for_ping
+
+RECOVERY_TIMEOUT = 15.0
+
+
+def addresses(office: Office) -> dict[str, str]:
+    return {name: office.address_of(name) for name in office.clients}
+
+
+def leases_saved(office: Office) -> dict:
+    """The state file's leases once every client's lease and endpoint is in it (saves are batched)."""
+    state_file = office.server.state_dir / "state.json"
+
+    def complete() -> dict | None:
+        if not state_file.exists():
+            return None
+        state = json.loads(state_file.read_text())
+        return state if len(state["leases"]) == len(state["endpoints"]) == len(office.clients) else None
+
+    return wait_until(complete, 5, what="every client's lease and endpoint saved")["leases"]
+
+
+def all_pass_traffic(office: Office, timeout: float = RECOVERY_TIMEOUT) -> None:
+    for host in office.client_hosts.values():
+        wait_for_ping(host, SERVER_TUNNEL, timeout=timeout)
+
+
+def same_addresses_again(office: Office, before: dict[str, str]) -> None:
+    """Each client, without a restart of its own, has its address back from the server."""
+    all_pass_traffic(office)
+    wait_until(lambda: addresses(office) == before, RECOVERY_TIMEOUT, what=f"the addresses {before} again")
+    leases = {str(ipaddress.ip_interface(lease["ipv4"]).ip) for lease in leases_saved(office).values()}
+    assert leases == set(before.values()), f"leases {leases}, clients {before}"
+
+
+def test_kill_9_mid_transfer_and_restart_loses_neither_the_transfer_nor_a_lease(lab):
+    office = build_office(lab, stock=False)
+    before = addresses(office)
+    leases_saved(office)
+    host = office.client_hosts["client1"]
+    outcome: dict[str, object] = {}
+
+    def move() -> None:
+        try:
+            outcome["result"] = transfer(host, office.lanhost, LAN_HOST, 200 * MB, timeout=90)
+        except Exception as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    try:
+        wait_until(lambda: sum(p["rx_bytes"] for p in office.server.show()["peers"]) > 20 * MB, 30,
+                   what="20 MB through the server")
+        office.server.kill()
+        office.server.start()
+    finally:
+        mover.join(timeout=120)
+    assert "error" not in outcome, f"the transfer broke: {outcome['error']}"
+    result = outcome["result"]
+    assert result.sent_sha256 == result.received_sha256
+    same_addresses_again(office, before)
+    print(f"kill -9 mid-transfer: 200 MB arrived intact in {result.seconds:.1f} s; addresses kept")
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _garbled(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + b"\x00\xff garbage \x00" + data[middle + 12 :]
+
+
+@pytest.mark.parametrize("damage", [_truncated, _garbled, lambda data: b""], ids=["truncated", "garbled", "empty"])
+def test_a_damaged_lease_file_is_set_aside_and_no_client_gets_another_ones_address(lab, damage):
+    office = build_office(lab, stock=False)
+    before = addresses(office)
+    leases_saved(office)
+    assert office.server.stop() == 0
+    state_file = office.server.state_dir / "state.json"
+    state_file.write_bytes(damage(state_file.read_bytes()))
+    office.server.start()
+    office.server.wait_log(r"state: .*(moved the damaged file|not valid JSON)", 5)
+    same_addresses_again(office, before)
+    assert list(office.server.state_dir.glob("state.json.corrupt-*")), "the damaged file was not kept"
+
+
+def test_a_lost_lease_file_gives_each_client_its_own_address_back_whoever_asks_first(lab):
+    """The state file is gone and client2 asks first: lowest-free-first alone would give it
+    client1's address. Each client's request names the address it has, so the server takes
+    back what the client holds while nobody else has it."""
+    office = build_office(lab, stock=False)
+    before = addresses(office)
+    assert before["client1"] < before["client2"]  # client1 holds the lower one, which client2 would get
+    leases_saved(office)
+    assert office.server.stop() == 0
+    (office.server.state_dir / "state.json").unlink()
+    client1_host = office.client_hosts["client1"]
+    client1_host.run(["nft", "-f", "-"], input="table inet away { chain out { type filter hook output priority 0; "
+                                               "meta l4proto udp drop; }; }")  # client1 cannot reach the server
+    office.server.start()
+    wait_for_ping(office.client_hosts["client2"], SERVER_TUNNEL, timeout=RECOVERY_TIMEOUT)
+    wait_until(lambda: addresses(office)["client2"] == before["client2"], RECOVERY_TIMEOUT,
+               what="client2's push")
+    client1_host.run(["nft", "delete", "table", "inet", "away"])
+    same_addresses_again(office, before)
