@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from pathlib import Path
 
 from .config import Config, server_subnets
@@ -16,6 +17,7 @@ from .state import State, StateStore, endpoint_from_text, endpoint_to_text
 log = logging.getLogger("tunvpn")
 
 STATE_SAVE_DELAY = 1.0  # endpoints change in bursts when clients roam: save at most this often
+STATE_RETRY_DELAY = 5.0  # a save that failed (disk full, read-only) is tried again this often until it works
 REQUESTS_PER_PEER_INTERVAL = 0.2  # a peer asking more often than this is ignored (and counted)
 
 
@@ -29,6 +31,7 @@ class Server(Daemon):
         for problem in self.store.problems:
             log.warning("state: %s", problem)
         self._save_at: float | None = None
+        self._save_failing = False  # said once per outage, not every retry
         self._configured = {peer.public_key: peer for peer in config.peers}
         self.pool = self._build_pool(config, self.state.leases)
         self.tunvpn_peers: set[bytes] = set()
@@ -200,10 +203,18 @@ class Server(Daemon):
         self.system.submit("saving state", lambda: self.store.save(snapshot), self._saved, key="state")
 
     def _saved(self, written: bool | None, error: BaseException | None) -> None:
+        """A failed save is retried: the leases it holds must reach the disk once it has room again."""
         if isinstance(error, OSError):
-            log.error("cannot save state in %s: %s", self.state_directory, error.strerror or error)
+            if not self._save_failing:
+                log.error("cannot save state in %s: %s; trying again every %.0f s", self.state_directory,
+                          error.strerror or error, STATE_RETRY_DELAY)
+            self._save_failing = True
+            self._schedule_save(time.monotonic() + STATE_RETRY_DELAY)
         elif error is not None:
             raise error
+        elif self._save_failing:
+            self._save_failing = False
+            log.info("saved state in %s again", self.state_directory)
 
     # --- the control extension -------------------------------------------------------------
 

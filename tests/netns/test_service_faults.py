@@ -13,8 +13,9 @@ import threading
 import pytest
 
 from netlab import transfer, wait_until
-from test_server_client import LAN_HOST, MB, SERVER_TUNNEL, Office, build_office
-from tunvpnd import wait_for_ping
+from stockwg import genkey, pubkey
+from test_server_client import LAN_HOST, MB, SERVER_TUNNEL, Office, build_office, client_config
+from tunvpnd import Tunvpn, wait_for_ping
 
 RECOVERY_TIMEOUT = 15.0
 
@@ -120,3 +121,53 @@ def test_a_lost_lease_file_gives_each_client_its_own_address_back_whoever_asks_f
                what="client2's push")
     client1_host.run(["nft", "delete", "table", "inet", "away"])
     same_addresses_again(office, before)
+
+
+# Runs the daemon in a mount namespace of its own with its state directory on a small tmpfs
+# (the saved state copied in first), so a test can fill it or make it read-only: the server runs
+# as root, whom file modes do not stop, and the host's mounts stay untouched.
+SMALL_STATE_DISK = r"""#!/bin/sh
+exec unshare --mount --propagation private /bin/sh -c '
+    cp -a "$0/." "$0.before" && mount -t tmpfs -o size=256k,mode=0700 tunvpn-test-state "$0" &&
+    cp -a "$0.before/." "$0/" && rm -rf "$0.before" && exec "$@"' STATE_DIR PYTHON "$@"
+"""
+
+
+def in_daemon_mounts(office: Office, *command: str, check: bool = True) -> str:
+    assert office.server.process is not None
+    return office.server.host.run(["nsenter", "-t", str(office.server.process.pid), "-m", *command],
+                                  check=check).stdout
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_a_state_directory_that_cannot_be_written_loses_no_lease_once_it_can(lab, tmp_path, fault):
+    office = build_office(lab, clients=("client1",), stock=False)
+    late_host = lab.add_host("client3")
+    lab.connect(late_host, office.wan, ["192.0.2.23/24"])
+    office.client_keys["client3"] = late_key = genkey()
+    leases_saved(office)
+    assert office.server.stop() == 0
+    state_dir = office.server.state_dir
+    wrapper = tmp_path / "small-state-disk"
+    wrapper.write_text(SMALL_STATE_DISK.replace("STATE_DIR", str(state_dir)).replace("PYTHON", office.server.python))
+    wrapper.chmod(0o755)
+    office.server.python = str(wrapper)  # the daemon's command line starts with it
+    office.server.write_config(office.server_config(["client1", "client3"]))
+    office.server.start()
+    all_pass_traffic(office)
+    if fault == "disk full":
+        in_daemon_mounts(office, "dd", "if=/dev/zero", f"of={state_dir}/filler", "bs=4k", check=False)
+    else:
+        in_daemon_mounts(office, "mount", "-o", "remount,ro", str(state_dir))
+    mark = len(office.server.lines)
+    late = Tunvpn(late_host, "client", client_config(late_key, office.server_key), name="client3").start()
+    late.wait_log(r"applied config from the server", 10)
+    office.server.wait_log(r"cannot save state in .*trying again", 10, after=mark)
+    all_pass_traffic(office)
+    if fault == "disk full":
+        in_daemon_mounts(office, "rm", f"{state_dir}/filler")
+    else:
+        in_daemon_mounts(office, "mount", "-o", "remount,rw", str(state_dir))
+    office.server.wait_log(r"saved state in .* again", 10, after=mark)
+    saved = json.loads(in_daemon_mounts(office, "cat", f"{state_dir}/state.json"))
+    assert pubkey(late_key) in saved["leases"] and len(saved["leases"]) == 2

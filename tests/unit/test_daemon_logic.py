@@ -27,6 +27,7 @@ from tunvpn.keys import derive_public_key, encode_key, generate_private_key
 from tunvpn.protocol import control
 from tunvpn.protocol.device import ControlReceived
 from tunvpn.server import Server
+from tunvpn.state import StateStore
 
 SERVER_KEY = generate_private_key()
 PEERS = {name: generate_private_key() for name in "abcdefg"}
@@ -100,6 +101,27 @@ def test_after_a_lost_state_file_each_client_gets_back_the_address_it_holds_whoe
     assert v4(ask(server, "c", now=2.0, held=("203.0.113.2/29",))) == "203.0.113.4"  # a's: taken, so the lowest free
     assert v4(ask(server, "b", now=3.0, held=("203.0.113.6/29",))) == "203.0.113.3"  # a lease here wins over a claim
     assert v4(ask(server, "b", now=4.0)) == "203.0.113.3"
+
+
+def test_a_failed_state_save_is_retried_until_it_works_and_said_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "tunvpn")
+    server = make_server(tmp_path, server_text("a"))
+    real_save, failures = server.store.save, []
+
+    def disk_full(state):
+        if len(failures) < 3:
+            failures.append(state)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state)
+
+    server.store.save = disk_full
+    v4(ask(server, "a"))
+    for _ in range(4):  # the loop runs tick at each deadline tick returns
+        server.tick(server._save_at)
+    assert len(failures) == 3 and server._save_at is None
+    assert PUB["a"] in StateStore(tmp_path / "state").load().leases
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot save state" in m for m in messages) == 1 and any("saved state" in m for m in messages)
 
 
 def test_a_full_pool_takes_back_the_address_of_a_removed_peer(tmp_path):
