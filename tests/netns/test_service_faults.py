@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+import signal
 import threading
 
 import pytest
@@ -171,3 +173,34 @@ def test_a_state_directory_that_cannot_be_written_loses_no_lease_once_it_can(lab
     office.server.wait_log(r"saved state in .* again", 10, after=mark)
     saved = json.loads(in_daemon_mounts(office, "cat", f"{state_dir}/state.json"))
     assert pubkey(late_key) in saved["leases"] and len(saved["leases"]) == 2
+
+
+@pytest.mark.parametrize("bad_config", [b"\xff\xfe not text \x00", b"", b"[Interface]\nPrivateKey = nonsense\n"],
+                         ids=["binary", "empty", "bad-key"])
+def test_an_invalid_config_before_sighup_is_refused_and_the_running_one_kept(lab, bad_config):
+    office = build_office(lab, stock=False)
+    before = addresses(office)
+    office.server.config_path.write_bytes(bad_config)
+    mark = len(office.server.lines)
+    office.server.signal(signal.SIGHUP)
+    office.server.wait_log(r"reload refused, keeping the running config: ", 5, after=mark)
+    all_pass_traffic(office, timeout=5)
+    assert addresses(office) == before
+    assert "Traceback" not in office.server.log()
+
+
+def test_a_tun_deleted_underneath_stops_the_server_clearly_and_a_restart_brings_every_client_back(lab):
+    """The server cannot carry on without its device; it exits with a one-line reason (systemd's
+    Restart=on-failure restarts it), and the clients, untouched, get their addresses back."""
+    office = build_office(lab, stock=False)
+    before = addresses(office)
+    leases_saved(office)
+    office.server.host.ip("link", "del", office.server.device)
+    assert office.server.process is not None
+    assert office.server.process.wait(timeout=10) == 1
+    wait_until(lambda: "the device was deleted" in office.server.log(), 5, what="the reason in the log")
+    assert re.search(r"^ERROR: cannot (read from|write to) tun device '[^']+': the device was deleted$",
+                     office.server.log(), re.M), office.server.log()[-2000:]
+    assert "Traceback" not in office.server.log()
+    office.server.start()
+    same_addresses_again(office, before)

@@ -328,6 +328,6 @@ def test_writes_to_a_down_link_are_dropped_and_a_deleted_device_is_an_error(lab:
     assert agent.ok("write", packets=[packet.hex()]) == {"written": 0, "write_errors": 1}  # EIO while down
     host.ip("link", "delete", name)
     assert agent.error("read", timeout=0, max_packets=1) == (
-        "TunError: cannot read from tun device 'tvtun0': the device was deleted")
+        "TunDeleted: cannot read from tun device 'tvtun0': the device was deleted")
     assert agent.error("write", packets=[packet.hex()]) == (
-        "TunError: cannot write to tun device 'tvtun0': the device was deleted")
+        "TunDeleted: cannot write to tun device 'tvtun0': the device was deleted")

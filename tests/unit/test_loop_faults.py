@@ -7,11 +7,15 @@ socket or root is needed for what happens when daemon code raises.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import types
 
+import pytest
+
 from corepair import CorePair
 from tunvpn.io.loop import EventLoop, Faults
+from tunvpn.io.tun import TunDeleted
 from tunvpn.protocol.device import EndpointChanged
 
 
@@ -67,3 +71,25 @@ def test_repeats_are_logged_at_powers_of_two_only(caplog):
             faults.record("somewhere", KeyError("x"))
     assert faults.counts["somewhere: KeyError"] == 100
     assert len(caplog.records) == 7  # 1, 2, 4, 8, 16, 32, 64
+
+
+def test_a_deleted_tun_ends_the_loop_instead_of_failing_every_turn():
+    """Every later read fails too: counting it as one bad event would spin the loop forever."""
+    readable, writer = os.pipe()
+    os.write(writer, b"x")  # the selector reports the "tun" readable at once
+
+    def deleted(max_packets: int = 64):
+        raise TunDeleted("cannot read from tun device 'tv0': the device was deleted")
+
+    tun = types.SimpleNamespace(fileno=lambda: readable, read_batch=deleted)
+    loop = EventLoop(CorePair().a.device, tun=tun, udp=types.SimpleNamespace(sockets=[], send=lambda d: None))
+    try:
+        with pytest.raises(TunDeleted):
+            loop.run()
+    finally:
+        loop.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.close(readable)
+        os.close(writer)
+    assert not loop.faults.counts

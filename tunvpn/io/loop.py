@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Callable, Protocol, TypeVar
 
 from ..protocol.device import Device, Event
-from .tun import TunDevice
+from .tun import TunDeleted, TunDevice
 from .udp import UdpTransport
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class EventLoop:
                         self._on_udp(key.data[1])
                     else:
                         self._dispatch(key, mask)
+                except TunDeleted:
+                    raise  # not one bad event: the tunnel is gone, so the daemon ends (and is restarted)
                 except Exception as exc:
                     self.faults.record(_place(key.data), exc)
             now = time.monotonic()

@@ -31,6 +31,10 @@ class TunError(Exception):
     """A tun device could not be created or used; the message is one line meant for the user."""
 
 
+class TunDeleted(TunError):
+    """The device was deleted underneath the daemon: every later read and write fails too."""
+
+
 def _check_name(name: str) -> bytes:
     """Reject names the kernel would reject, with a message that says why."""
     encoded = name.encode("utf-8")
@@ -103,7 +107,7 @@ class TunDevice:
 
     def _failure(self, action: str, exc: OSError) -> TunError:
         if exc.errno == errno.EBADFD:
-            return TunError(f"cannot {action} tun device {self.name!r}: the device was deleted")
+            return TunDeleted(f"cannot {action} tun device {self.name!r}: the device was deleted")
         return TunError(f"cannot {action} tun device {self.name!r}: {exc.strerror}")
 
     def fileno(self) -> int:
