@@ -10,7 +10,7 @@ export PYTHONPATH := $(CURDIR)
 export PYTHONDONTWRITEBYTECODE := 1
 
 APT_PACKAGES := python3 python3-venv python3-pip python3-cryptography python3-pyroute2 python3-pytest \
-	wireguard-go wireguard-tools iproute2 iputils-ping nftables procps python3-prometheus-client
+	wireguard-go wireguard-tools iproute2 iputils-ping nftables procps python3-prometheus-client iperf3
 # The .deb's build and lint, and the systemd-nspawn hosts its tests install it on.
 PACKAGE_APT_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
 	systemd-container debootstrap

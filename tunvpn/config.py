@@ -70,6 +70,9 @@ class InterfaceConfig:
     dns_search: list[str] = field(default_factory=list)
     # whether the MTU line was written: a client lets a pushed MTU replace only the default
     mtu_configured: bool = False
+    # server: the rate limit (bits a second, 0 for none) and access rules of peers without their own
+    default_rate_limit: int | None = None
+    default_access: list[IPNetwork] = field(default_factory=list)
     # Prometheus metrics: served over HTTP at this (address, port), and/or written to this file
     metrics_listen: tuple[str, int] | None = None
     metrics_file: str | None = None
@@ -92,6 +95,8 @@ class PeerConfig:
     persistent_keepalive: int
     line: int  # the [Peer] header, so later errors can point at it
     name: str | None = None  # for people and dashboards (show, metrics labels)
+    rate_limit: int | None = None  # server: bits a second each way; 0 lifts DefaultRateLimit; None: the default
+    access: list[IPNetwork] = field(default_factory=list)  # server: where the client may go; []: DefaultAccess
 
 
 @dataclass(frozen=True)
@@ -508,6 +513,24 @@ def _parse_metrics_listen(value: str, ctx: _Context) -> tuple[str, int]:
     return host, port
 
 
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(kbit|mbit|gbit)", re.IGNORECASE)
+_RATE_UNITS = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+MIN_RATE = 8_000  # bits a second; less cannot carry one full-size packet a second or so
+
+
+def _parse_rate(value: str, ctx: _Context) -> int:
+    """`20mbit` (kbit, mbit, gbit: powers of ten, as tc counts) in bits a second; `off` is 0."""
+    if value.lower() in ("off", "none"):
+        return 0
+    match = _RATE.fullmatch(value)
+    if not match:
+        raise ValueError(f"'{value}' is not a rate like 20mbit (kbit, mbit, gbit) or off")
+    bits = int(float(match.group(1)) * _RATE_UNITS[match.group(2).lower()])
+    if bits < MIN_RATE:
+        raise ValueError(f"'{value}' is below the least rate, 8kbit")
+    return bits
+
+
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
@@ -634,6 +657,8 @@ INTERFACE_KEYS: tuple[Key, ...] = (
         roles=SERVER, wrong_role_hint="set PersistentKeepalive in the [Peer]"),
     Key("DNS", "dns", _parse_dns, repeats=True, roles=CLIENT,
         wrong_role_hint="use PushDNS to give clients DNS servers"),
+    Key("DefaultRateLimit", "default_rate_limit", _parse_rate, roles=SERVER),
+    Key("DefaultAccess", "default_access", _parse_allowed_ips, repeats=True, roles=SERVER),
     Key("MetricsListen", "metrics_listen", _parse_metrics_listen),
     Key("MetricsFile", "metrics_file", _parse_metrics_file),
 )
@@ -646,6 +671,10 @@ PEER_KEYS: tuple[Key, ...] = (
     Key("Endpoint", "endpoint", _parse_endpoint),
     Key("PersistentKeepalive", "persistent_keepalive", _parse_keepalive, default=0),
     Key("Name", "name", _parse_name),
+    Key("RateLimit", "rate_limit", _parse_rate, roles=SERVER,
+        wrong_role_hint="the server limits its clients; set RateLimit in the server's [Peer] for this client"),
+    Key("Access", "access", _parse_allowed_ips, repeats=True, roles=SERVER,
+        wrong_role_hint="the server decides where its clients may go"),
 )
 
 

@@ -408,6 +408,8 @@ class Daemon:
                 "tx_packets": peer.tx_packets,
                 "persistent_keepalive": peer.persistent_keepalive or None,
                 "dropped": dict(peer.dropped),
+                "rate_limit": peer.rate_limit,
+                "access": None if peer.access is None else [str(net) for net in peer.access],
                 **self.peer_status_extra(peer.public_key),
             })
         return {
@@ -466,7 +468,8 @@ RESTART_SETTINGS = {
 
 
 def _peer_settings(peer: PeerConfig) -> tuple:
-    return (peer.preshared_key, tuple(peer.allowed_ips), peer.endpoint, peer.persistent_keepalive)
+    return (peer.preshared_key, tuple(peer.allowed_ips), peer.endpoint, peer.persistent_keepalive, peer.rate_limit,
+            tuple(peer.access))
 
 
 def refused_note(refused: dict[str, str]) -> str:

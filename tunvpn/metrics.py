@@ -22,7 +22,8 @@ PEER_SERIES = {
     "tunvpn_peer_sent_packets_total": ("counter", "Transport messages sent to the peer, keepalives included."),
     "tunvpn_peer_received_packets_total": ("counter", "Transport messages received from the peer, keepalives included."),
     "tunvpn_peer_connected": ("gauge", "1 while the peer has a live session."),
-    "tunvpn_peer_dropped_total": ("counter", "Packets of this peer dropped, by reason."),
+    "tunvpn_peer_dropped_total": ("counter", "Packets of this peer dropped, by reason (rate_limit, access_denied, ...)."),
+    "tunvpn_peer_rate_limit_bits_per_second": ("gauge", "The peer's rate limit each way, for peers that have one."),
 }
 DEVICE_SERIES = {
     "tunvpn_peers": ("gauge", "Peers configured."),
@@ -63,6 +64,8 @@ def _peer_samples(samples: dict[str, list[str]], interface: dict[str, str], peer
     add("tunvpn_peer_connected", labels, 1 if peer.get("connected") else 0)
     for reason, count in sorted((peer.get("dropped") or {}).items()):
         add("tunvpn_peer_dropped_total", {**labels, "reason": reason}, count)
+    if peer.get("rate_limit"):
+        add("tunvpn_peer_rate_limit_bits_per_second", labels, peer["rate_limit"])
 
 
 def _device_samples(samples: dict[str, list[str]], interface: dict[str, str], status: dict[str, Any],

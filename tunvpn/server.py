@@ -89,6 +89,13 @@ class Server(Daemon):
             leased = [ipaddress.ip_network(a.ip) for a in addresses if ipaddress.ip_network(a.ip) not in peer.allowed_ips]
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address if endpoints else None,
                                  **self.peer_device_settings(peer, leased))
+            self.device.set_policy(peer.public_key, *self._policy_of(peer), exempt=self._subnets())
+
+    def _policy_of(self, peer) -> tuple[int | None, list[IPNetwork] | None]:
+        """(rate limit, access rules) in force for a peer: its own, else the server's defaults."""
+        interface = self.config.interface
+        rate = peer.rate_limit if peer.rate_limit is not None else interface.default_rate_limit
+        return rate or None, peer.access or interface.default_access or None
 
     def _lease(self, public_key: bytes, families: list[int]) -> Lease:
         """Lease from the pool; when it is full, take back the lease of a peer no longer configured.
@@ -277,6 +284,7 @@ class Server(Daemon):
         """Apply what changed: the device work is O(added + changed + moved peers)."""
         added, removed, changed = self.diff_peers(new)
         old_push = _push_settings(self.config)
+        old_policy_defaults = _policy_defaults(self.config)
         old_leases = self.pool.leases()
         self.config = new
         self._configured = {peer.public_key: peer for peer in new.peers}
@@ -291,6 +299,8 @@ class Server(Daemon):
         # routing too, and its client must be told now, or its traffic is dropped until it asks.
         moved = {key for key in self._configured if old_leases.get(key) != new_leases.get(key)}
         touched = moved | {peer.public_key for peer in (*added, *changed)}
+        if _policy_defaults(new) != old_policy_defaults:
+            touched = set(self._configured)  # every peer without its own limit or rules follows the default
         self._sync_peers([self._configured[key] for key in touched], endpoints=True)
         self.set_routes(self._routed_outside_subnets(new.peers))
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
@@ -310,6 +320,10 @@ def _lease_of(held: list, families: list[int]) -> Lease:
     """A lease of the first held address of each pool family (a client holds at most one each)."""
     first = {version: next((a for a in held if a.version == version), None) for version in (4, 6)}
     return Lease(first[4] if 4 in families else None, first[6] if 6 in families else None)
+
+
+def _policy_defaults(config: Config) -> tuple:
+    return config.interface.default_rate_limit, tuple(config.interface.default_access)
 
 
 def _describe_lease(lease: Lease) -> str:

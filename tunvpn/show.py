@@ -41,6 +41,14 @@ def format_bytes(count: int) -> str:
     raise AssertionError("unreachable: the last unit always returns")
 
 
+def format_rate(bits: int) -> str:
+    """As tc and the config write rates: 20 Mbit/s, 1.5 Gbit/s (powers of ten)."""
+    for unit, size in (("Gbit/s", 10**9), ("Mbit/s", 10**6), ("kbit/s", 10**3)):
+        if bits >= size:
+            return f"{bits / size:g} {unit}"
+    return f"{bits} bit/s"
+
+
 def format_duration(seconds: int) -> str:
     """'1 hour, 2 minutes, 5 seconds': non-zero parts only, singular where it is one."""
     parts = []
@@ -129,6 +137,10 @@ def _peer_lines(peer: dict, now: float) -> list[str]:
     )
     if peer.get("persistent_keepalive"):
         lines.append(f"  persistent keepalive: every {format_duration(peer['persistent_keepalive'])}")
+    if peer.get("rate_limit"):
+        lines.append(f"  rate limit: {format_rate(peer['rate_limit'])} each way")
+    if peer.get("access") is not None:
+        lines.append(f"  access: {_join(peer['access'])} (and the tunnel)")
     if "tunvpn" in peer:  # False also while a tunvpn peer has not spoken yet: say only what is known
         lines.append(f"  control extension: {'yes' if peer['tunvpn'] else 'not seen'}")
     drops = _drops(peer.get("dropped"))

@@ -349,3 +349,21 @@ def test_status_lines_are_coalesced_to_one_a_second(tmp_path, monkeypatch):
     assert len(sent) == 2
     server._on_tick(1005.0)
     assert len(sent) == 2  # nothing new to say
+
+
+def test_rate_limits_and_access_come_from_the_peer_or_the_defaults_and_follow_reloads(tmp_path):
+    own = f"PublicKey = {encode_key(PUB['b'])}\nRateLimit = 5mbit\nAccess = 198.51.100.0/25\n"
+    off = f"PublicKey = {encode_key(PUB['c'])}\nRateLimit = off\n"
+    text = (server_text("abc", extra="DefaultRateLimit = 20mbit\nDefaultAccess = 198.51.100.128/25")
+            .replace(f"PublicKey = {encode_key(PUB['b'])}\n", own).replace(f"PublicKey = {encode_key(PUB['c'])}\n", off))
+    server = make_server(tmp_path, text)
+
+    def policy(name):
+        stats = server.device.peer_stats(PUB[name])
+        return stats.rate_limit, None if stats.access is None else [str(net) for net in stats.access]
+
+    assert policy("a") == (20_000_000, ["198.51.100.128/25"])
+    assert policy("b") == (5_000_000, ["198.51.100.0/25"])
+    assert policy("c") == (None, ["198.51.100.128/25"])
+    reload(server, text.replace("DefaultRateLimit = 20mbit", "DefaultRateLimit = 30mbit"))
+    assert policy("a") == (30_000_000, ["198.51.100.128/25"]) and policy("b")[0] == 5_000_000

@@ -42,6 +42,7 @@ from .events import (
     KeysExpired,
 )
 from .peer import Peer
+from .policy import Policy
 
 __all__ = [
     "DEFAULT_LOAD_THRESHOLD", "DEFAULT_MTU", "ControlReceived", "CookieReceived", "Device", "Endpoint",
@@ -69,6 +70,8 @@ class PeerStats:
     persistent_keepalive: int  # seconds, 0 for off
     dropped: Mapping[str, int]
     has_session: bool
+    rate_limit: int | None = None  # bits a second each way, None for none
+    access: tuple[IPNetwork, ...] | None = None  # where the peer may send to, None for anywhere
 
 
 class Device:
@@ -149,6 +152,17 @@ class Device:
             send.send_keepalive(state, peer, now)
             state.schedule(peer)
 
+    def set_policy(self, public_key: bytes, rate_bits: int | None, access: Iterable[IPNetwork] | None,
+                   exempt: Iterable[IPNetwork] = ()) -> None:
+        """Limit a peer to `rate_bits` a second each way and to sending to `access` (plus `exempt`,
+        the tunnel's own subnets); None for either lifts it.  An unchanged policy keeps its buckets,
+        so a reload does not hand out a fresh burst."""
+        peer = self._state.peers[public_key]
+        if rate_bits is None and access is None:
+            peer.policy = None
+        elif peer.policy is None or not peer.policy.same_as(rate_bits, access):
+            peer.policy = Policy(rate_bits, access, exempt)
+
     def remove_peer(self, public_key: bytes) -> None:
         state = self._state
         peer = state.peers.pop(public_key, None)
@@ -197,6 +211,8 @@ class Device:
             persistent_keepalive=peer.persistent_keepalive,
             dropped=dict(peer.dropped),
             has_session=peer.keypairs.current is not None,
+            rate_limit=None if peer.policy is None else peer.policy.rate_bits,
+            access=None if peer.policy is None else peer.policy.access,
         )
 
     def drops(self) -> dict[str, int]:

@@ -8,6 +8,7 @@ from typing import Any
 from .cookie import CookieJar
 from .keypair import Keypairs
 from .noise import Handshake, Identity
+from .policy import Policy
 from .timers import Timers
 
 STAGED_PACKETS_MAX = 128  # packets waiting for a session; the oldest go first when full
@@ -30,6 +31,7 @@ class Peer:
         "tx_packets",
         "dropped",
         "scheduled_at",
+        "policy",
     )
 
     def __init__(
@@ -54,6 +56,7 @@ class Peer:
         self.rx_bytes = self.tx_bytes = self.rx_packets = self.tx_packets = 0
         self.dropped: Counter[str] = Counter()
         self.scheduled_at = float("inf")  # earliest deadline this peer has in the device's heap
+        self.policy: Policy | None = None  # rate limit and access rules, when the daemon set any
 
     @property
     def persistent_keepalive(self) -> int:

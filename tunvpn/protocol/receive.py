@@ -91,7 +91,13 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
         if length > len(plaintext) or length < 20:
             peer.dropped["bad_ip_length"] += 1
             continue
-        packets.append(plaintext if length == len(plaintext) else plaintext[:length])  # cut the padding
+        packet = plaintext if length == len(plaintext) else plaintext[:length]  # cut the padding
+        if peer.policy is not None:  # tunvpn's rate limit and access rules; None for plain WireGuard
+            refusal = peer.policy.refuses_inbound(packet, now)
+            if refusal is not None:
+                peer.dropped[refusal] += 1
+                continue
+        packets.append(packet)
         if senders is not None:
             senders.append(peer)
     for peer, had_data in touched.items():

@@ -42,6 +42,10 @@ def send_packets(state: DeviceState, packets: Iterable[bytes], now: float) -> No
         else:
             batch.append(packet)
     for peer, batch in by_peer.items():
+        if peer.policy is not None:
+            batch = peer.policy.admit_outbound(batch, now, peer.dropped)
+            if not batch:
+                continue
         send_to(state, peer, batch, now)
 
 
