@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import selectors
+import socket
 import struct
 import sys
 import tempfile
+import time
 import types
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ from tunvpn import state as state_module  # noqa: E402
 from tunvpn.client import Client  # noqa: E402
 from tunvpn.config import ConfigError, parse_config  # noqa: E402
 from tunvpn.daemon import Options  # noqa: E402
-from tunvpn.io.controlsocket import ControlServer, _encode_answer  # noqa: E402
+from tunvpn.io.controlsocket import _RECV_CHUNK, MAX_REQUEST, ControlServer, _Connection, _encode_answer  # noqa: E402
 from tunvpn.keys import derive_public_key, encode_key  # noqa: E402
 from tunvpn.protocol import control, messages  # noqa: E402
 from tunvpn.protocol.cookie import LABEL_MAC1  # noqa: E402
@@ -123,31 +126,18 @@ def _cookie_at_a() -> tuple[CorePair, Device, bytes]:
     return pair, pair.a.device, genuine.data
 
 
-def _handshake_target(build: Callable[[], tuple[CorePair, Device, bytes]]) -> Callable[[bytes], None]:
-    """Each input goes in as it is and again with mac1 recomputed; an accepted one uses up the state."""
+def _handshake_target(build: Callable[[], tuple[CorePair, Device, bytes]],
+                      load_from_last_byte: bool = False) -> Callable[[bytes], None]:
+    """Each input goes in as it is and again with mac1 recomputed; an accepted one uses up the state.
+    `load_from_last_byte`: inputs whose last byte is odd arrive under load (mac2, cookie replies)."""
     waiting = _Waiting(build)
 
     def run(data: bytes) -> None:
-        public = waiting.target.public_key
-        for variant in (data, with_mac1(data, public)):
+        under_load = load_from_last_byte and bool(data) and data[-1] & 1 == 1
+        for variant in (data, with_mac1(data, waiting.target.public_key)):
+            waiting.target._state.load.force = under_load
             if feed(waiting.target, variant, now=waiting.pair.now):
                 waiting.fresh()
-
-    return run
-
-
-def _initiation_run() -> Callable[[bytes], None]:
-    """Half the inputs (by their last byte) arrive under load, where mac2 and cookies come in."""
-    waiting = _Waiting(_initiation_at_b)
-
-    def run(data: bytes) -> None:
-        device = waiting.target
-        device._state.load.force = bool(data) and data[-1] & 1 == 1
-        for variant in (data, with_mac1(data, device.public_key)):
-            if feed(device, variant, now=waiting.pair.now):
-                waiting.fresh()
-                device = waiting.target
-                device._state.load.force = bool(data) and data[-1] & 1 == 1
 
     return run
 
@@ -169,27 +159,16 @@ def _transport_run() -> Callable[[bytes], None]:
     """The input is a counter (8 bytes, little-endian) and a plaintext, sealed under the live session:
     this reaches what only an authenticated peer can, the replay window and the inner-packet checks
     (IP version, lengths, allowed IPs, the control marker).  The raw input goes in too."""
-    holder: dict[str, CorePair] = {}
-
-    def build() -> CorePair:
-        pair = established(CorePair())
-        pair.b.device.set_control_messages(True)
-        pair.b.device.set_forwarding(False)
-        return pair
-
-    holder["pair"] = build()
+    pair = established(CorePair())
+    pair.b.device.set_control_messages(True)
+    pair.b.device.set_forwarding(False)
+    keypair = pair.a_peer.keypairs.current  # a's side never changes here: time stands still
 
     def run(data: bytes) -> None:
-        pair = holder["pair"]
-        device = pair.b.device
-        feed(device, data, source=pair.a.address, now=pair.now)
+        feed(pair.b.device, data, source=pair.a.address, now=pair.now)
         counter = int.from_bytes(data[:8].ljust(8, b"\0"), "little")
-        keypair = pair.a_peer.keypairs.current
-        if keypair is None:  # a sealed counter at the limit ends the session: start over
-            holder["pair"] = build()
-            return
         sealed = messages.pack_transport(keypair.remote_index, counter, keypair.sender.seal(counter, data[8:]))
-        feed(device, sealed, source=pair.a.address, now=pair.now)
+        feed(pair.b.device, sealed, source=pair.a.address, now=pair.now)
 
     return run
 
@@ -270,7 +249,8 @@ def _control_seeds() -> list[bytes]:
         7, addresses=[ipaddress.ip_interface("203.0.113.2/29"), ipaddress.ip_interface("2001:db8:100::2/64")],
         routes=[ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:200::/48")],
         dns=[ipaddress.ip_address("203.0.113.1")], search=["office.example"], mtu=1420, keepalive=25)
-    return [control.encode(m) for m in (control.ConfigRequest(7), push, control.ConfigRefused(7, "pool exhausted"),
+    held = control.ConfigRequest(8, [ipaddress.ip_interface("203.0.113.5/29"), ipaddress.ip_interface("2001:db8:100::5/64")])
+    return [control.encode(m) for m in (control.ConfigRequest(7), held, push, control.ConfigRefused(7, "pool exhausted"),
                                          control.Goodbye("shutting down"), control.Goodbye(""))]
 
 
@@ -449,11 +429,84 @@ def _control_socket_seeds() -> list[bytes]:
     return [b'{"command": "show"}', b'{"command": "nope"}', b"[]", b'{"command": ["show"]}', b"{" * 100]
 
 
+_HUGE_CHUNK = b"\xfe"  # a chunk starting with this byte is its rest repeated past MAX_REQUEST
+
+
+def _stream_chunks(data: bytes) -> list[bytes]:
+    chunks = [chunk for chunk in data.split(b"\0") if chunk]
+    return [chunk[1:] * (MAX_REQUEST // max(1, len(chunk) - 1) + 1) if chunk.startswith(_HUGE_CHUNK) and len(chunk) > 1
+            else chunk for chunk in chunks]
+
+
+def _control_stream_run() -> Callable[[bytes], None]:
+    """Bytes through a real socket into a server's control socket connection, in chunks (split at
+    NUL bytes), then EOF: the line assembly, the size limit, EOF without a newline. Whatever came,
+    exactly one JSON line answers it (nothing answers a connection that sent nothing)."""
+    directory = Path(tempfile.mkdtemp(prefix="tunvpn-fuzz-stream-"))
+    control_server = ControlServer(directory / "control.sock", _make_server(directory).handle_request)
+    selector = selectors.DefaultSelector()
+    control_server.register(selector)
+
+    def run(data: bytes) -> None:
+        ours, theirs = socket.socketpair()
+        ours.settimeout(5)
+        theirs.setblocking(False)
+        connection = _Connection(control_server, theirs, time.monotonic())
+        control_server._connections.add(connection)
+        selector.register(theirs, selectors.EVENT_READ, connection)
+        chunks = _stream_chunks(data)
+        try:
+            for chunk in chunks:
+                ours.sendall(chunk)
+                for _ in range(len(chunk) // _RECV_CHUNK + 2):  # a huge chunk takes several reads
+                    if connection.answer is None and connection in control_server._connections:
+                        control_server._read(connection)
+                if connection.answer is not None:
+                    break
+            if connection.answer is None:
+                ours.shutdown(socket.SHUT_WR)
+                control_server._read(connection)
+            for _ in range(1000):
+                if connection not in control_server._connections:
+                    break
+                control_server._write(connection)
+            reply = _read_to_end(ours)
+        finally:
+            if connection in control_server._connections:
+                control_server._drop(connection)
+            ours.close()
+        if not chunks:
+            assert reply == b"", reply
+            return
+        assert reply.endswith(b"\n") and reply.count(b"\n") == 1, reply[:200]
+        assert isinstance(json.loads(reply), dict)
+
+    return run
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    """Everything the server wrote. It closes with the rest of a too-long request unread, so the
+    end of the stream may come as ECONNRESET (after the answer, which arrives first)."""
+    data = b""
+    try:
+        while piece := sock.recv(1 << 20):
+            data += piece
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _control_stream_seeds() -> list[bytes]:
+    return [b'{"command": "show"}\n', b'{"comm\0and": "show"}', b'{"command": "show"}', b"\n",
+            _HUGE_CHUNK + b"x", b'{"command":\0' + _HUGE_CHUNK + b" "]
+
+
 # --- the list -------------------------------------------------------------------------------------
 
 _FACTORIES: dict[str, tuple[Callable[[], Callable[[bytes], None]], Callable[[], list[bytes]], str]] = {
     "datagram": (_any_datagram_run, _any_datagram_seeds, "any bytes at a device with a session and a pending handshake"),
-    "initiation": (_initiation_run, _handshake_seeds(_initiation_at_b), "initiations at a responder, mac1 recomputed, half under load"),
+    "initiation": (lambda: _handshake_target(_initiation_at_b, load_from_last_byte=True), _handshake_seeds(_initiation_at_b),
+                   "initiations at a responder, mac1 recomputed, half under load"),
     "response": (lambda: _handshake_target(_response_at_a), _handshake_seeds(_response_at_a), "responses at an initiator waiting for one, mac1 recomputed"),
     "cookie_reply": (lambda: _handshake_target(_cookie_at_a), _handshake_seeds(_cookie_at_a), "cookie replies at an initiator that sent an initiation"),
     "transport": (_transport_run, _transport_seeds, "plaintexts sealed under a live session at any counter: decryption, replay window, inner checks"),
@@ -464,6 +517,7 @@ _FACTORIES: dict[str, tuple[Callable[[], Callable[[bytes], None]], Callable[[], 
     "config": (_config_run, _config_seeds, "config text for both roles"),
     "state_file": (_state_run, _state_seeds, "state file bytes, and what is kept round trips"),
     "control_socket": (_control_socket_run, _control_socket_seeds, "control socket request lines at a server"),
+    "control_stream": (_control_stream_run, _control_stream_seeds, "bytes in chunks through a control socket connection"),
 }
 
 NAMES = list(_FACTORIES)
