@@ -10,6 +10,7 @@ import ipaddress
 import json
 import re
 import signal
+import subprocess
 import threading
 
 import pytest
@@ -204,3 +205,20 @@ def test_a_tun_deleted_underneath_stops_the_server_clearly_and_a_restart_brings_
     assert "Traceback" not in office.server.log()
     office.server.start()
     same_addresses_again(office, before)
+
+
+def test_kill_9_of_a_client_and_its_restart_keep_its_address_and_disturb_no_other(lab):
+    office = build_office(lab, stock=False)
+    before = addresses(office)
+    other = office.client_hosts["client2"]
+    pinger = other.popen(["ping", "-n", "-q", "-i", "0.1", "-w", "20", SERVER_TUNNEL], stdout=subprocess.PIPE, text=True)
+    try:
+        office.clients["client1"].kill()  # no goodbye, its routes and tun left to the kernel
+        office.clients["client1"].start().wait_log(r"applied config from the server", RECOVERY_TIMEOUT)
+        same_addresses_again(office, before)
+    finally:
+        pinger.send_signal(signal.SIGINT)
+        out, _ = pinger.communicate(timeout=10)
+    summary = next(line for line in out.splitlines() if "packets transmitted" in line)
+    transmitted, received = (int(part.split()[0]) for part in summary.split(",")[:2])
+    assert transmitted >= 5 and received >= transmitted - 1, f"client2 suffered: {summary}"
