@@ -30,7 +30,7 @@ def test_time_going_back_gives_nothing():
     assert not bucket.take(1, 5.0)
 
 
-def test_the_burst_is_a_tenth_of_a_second_with_a_floor():
+def test_the_burst_is_a_quarter_second_of_the_rate_with_a_floor():
     assert bucket_for(80_000_000).burst == pytest.approx(80_000_000 / 8 * BURST_SECONDS)
     assert bucket_for(8_000).burst == MIN_BURST_BYTES
 
