@@ -2,7 +2,7 @@
 
 Each target runs in its own process (libFuzzer exits when done) for FUZZ_SECONDS or
 FUZZ_RUNS inputs, whichever comes first; an exception out of tunvpn fails the test with the
-crashing input's path and traceback.  The figures go to stdout and build/fuzz.json.
+crashing input's path and traceback.  The figures go to the terminal and build/fuzz.json.
 Runs under the venv only: atheris is a venv package (tools/test-requirements.txt).
 """
 
@@ -24,15 +24,17 @@ MIN_TOTAL_INPUTS = 1_000_000
 FIGURES = Path(__file__).resolve().parents[2] / "build" / "fuzz.json"
 
 
-def test_every_target_survives_a_bounded_campaign(tmp_path):
+def test_every_target_survives_a_bounded_campaign(tmp_path, capsys):
     figures: dict[str, dict[str, float]] = {}
     started = time.monotonic()
     for name in NAMES:
         inputs, seconds, _ = campaign(name, RUNS_PER_TARGET, SECONDS_PER_TARGET, tmp_path / name)
         figures[name] = {"inputs": inputs, "seconds": seconds}
-        print(f"fuzzed {name:15} {inputs:>9} inputs in {seconds:.0f} s")
+        with capsys.disabled():  # the figures belong in every run's output, not only a failure's
+            print(f"\nfuzzed {name:15} {inputs:>9} inputs in {seconds:.0f} s", end="")
     total = sum(f["inputs"] for f in figures.values())
-    print(f"fuzzed {len(NAMES)} targets: {total} inputs in {time.monotonic() - started:.0f} s")
+    with capsys.disabled():
+        print(f"\nfuzzed {len(NAMES)} targets: {total} inputs in {time.monotonic() - started:.0f} s")
     FIGURES.parent.mkdir(exist_ok=True)
     FIGURES.write_text(json.dumps({"targets": figures, "total_inputs": total}, indent=2) + "\n")
     assert total >= MIN_TOTAL_INPUTS, f"only {total} inputs in all"
