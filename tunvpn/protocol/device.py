@@ -72,6 +72,13 @@ class PeerStats:
     has_session: bool
     rate_limit: int | None = None  # bits a second each way, None for none
     access: tuple[IPNetwork, ...] | None = None  # where the peer may send to, None for anywhere
+    restricted: str | None = None  # held to control messages, counting its data under this drop reason
+
+
+def _drop_empty_policy(peer: Peer) -> None:
+    """A peer without limits, rules or restriction carries no Policy: its packets skip the checks."""
+    if peer.policy is not None and peer.policy.is_empty():
+        peer.policy = None
 
 
 class Device:
@@ -158,10 +165,22 @@ class Device:
         the tunnel's own subnets); None for either lifts it.  An unchanged policy keeps its buckets,
         so a reload does not hand out a fresh burst."""
         peer = self._state.peers[public_key]
-        if rate_bits is None and access is None:
-            peer.policy = None
-        elif peer.policy is None or not peer.policy.same_as(rate_bits, access):
+        old = peer.policy
+        if old is None or not old.same_as(rate_bits, access):
             peer.policy = Policy(rate_bits, access, exempt)
+            peer.policy.restriction = None if old is None else old.restriction
+        _drop_empty_policy(peer)
+
+    def restrict(self, public_key: bytes, reason: str | None) -> None:
+        """Hold a peer to control messages (handshakes and keepalives go on): every IP packet to or
+        from it is dropped and counted as `reason`; None lifts it.  It outlives every session."""
+        peer = self._state.peers[public_key]
+        if peer.policy is None:
+            if reason is None:
+                return
+            peer.policy = Policy(None, None, ())
+        peer.policy.restriction = reason
+        _drop_empty_policy(peer)
 
     def remove_peer(self, public_key: bytes) -> None:
         state = self._state
@@ -213,6 +232,7 @@ class Device:
             has_session=peer.keypairs.current is not None,
             rate_limit=None if peer.policy is None else peer.policy.rate_bits,
             access=None if peer.policy is None else peer.policy.access,
+            restricted=None if peer.policy is None else peer.policy.restriction,
         )
 
     def drops(self) -> dict[str, int]:

@@ -1,7 +1,13 @@
-"""Per-peer policy beyond WireGuard: a rate limit each way, and where a peer may send to.
+"""Per-peer policy beyond WireGuard: a rate limit each way, where a peer may send to, and a
+restriction to control messages.
 
 A peer carries a `Policy` only when one is set, so a device without policies pays one
 attribute check per packet.  Time comes in as an argument, as everywhere in the core.
+
+A restricted peer keeps its handshakes, keepalives and control messages (those never pass
+through here) but no IP packet goes to or comes from it: what a daemon needs while a peer has
+still to prove something over the control extension (a second factor, an enrollment).  The
+restriction belongs to the peer, not to a session, so rekeying never lifts it.
 """
 
 from __future__ import annotations
@@ -49,11 +55,13 @@ def bucket_for(rate_bits: int) -> TokenBucket:
 
 class Policy:
     """What one peer may do: `rate_bits` a second each way (None: no limit), and send only to
-    `access` (None: anywhere) or to `exempt` networks (the tunnel's own subnets)."""
+    `access` (None: anywhere) or to `exempt` networks (the tunnel's own subnets).  With a
+    `restriction` (a drop reason) it may exchange control messages only."""
 
-    __slots__ = ("rate_bits", "inbound", "outbound", "access", "_destinations")
+    __slots__ = ("rate_bits", "inbound", "outbound", "access", "_destinations", "restriction")
 
     def __init__(self, rate_bits: int | None, access: Iterable[IPNetwork] | None, exempt: Iterable[IPNetwork]) -> None:
+        self.restriction: str | None = None
         self.rate_bits = rate_bits
         self.inbound = None if rate_bits is None else bucket_for(rate_bits)
         self.outbound = None if rate_bits is None else bucket_for(rate_bits)
@@ -66,6 +74,8 @@ class Policy:
 
     def refuses_inbound(self, packet: bytes, now: float) -> str | None:
         """Why a packet from the peer must not go on (a drop reason), or None."""
+        if self.restriction is not None:
+            return self.restriction
         destinations = self._destinations
         if destinations is not None:
             allowed = (destinations.lookup_v4(packet[16:20]) if packet[0] >> 4 == 4
@@ -78,6 +88,9 @@ class Policy:
 
     def admit_outbound(self, packets: list[bytes], now: float, dropped: Counter[str]) -> list[bytes]:
         """The packets for the peer that fit its rate; the rest are counted as `rate_limit`."""
+        if self.restriction is not None:
+            dropped[self.restriction] += len(packets)
+            return []
         bucket = self.outbound
         if bucket is None:
             return packets
@@ -85,6 +98,9 @@ class Policy:
         if len(kept) != len(packets):
             dropped["rate_limit"] += len(packets) - len(kept)
         return kept
+
+    def is_empty(self) -> bool:
+        return self.rate_bits is None and self.access is None and self.restriction is None
 
     def same_as(self, rate_bits: int | None, access: Iterable[IPNetwork] | None) -> bool:
         return rate_bits == self.rate_bits and (None if access is None else tuple(access)) == self.access
