@@ -27,6 +27,10 @@ from tunvpn.protocol.control import (
     MAX_SEARCH_DOMAIN_BYTES,
     MAX_SEARCH_DOMAINS,
     AttributeType,
+    AuthCode,
+    AuthMethod,
+    AuthState,
+    AuthStatus,
     ConfigPush,
     ConfigRefused,
     ConfigRequest,
@@ -110,6 +114,10 @@ VALID_MESSAGES = [
     Goodbye(reason="server shutting down"),
     Goodbye(reason="au revoir, à bientôt"),
     Goodbye(),
+    AuthStatus(5, AuthMethod.TOTP, AuthState.REQUIRED),
+    AuthStatus(0, AuthMethod.TOTP, AuthState.AUTHORIZED, 43200, "code accepted"),
+    AuthStatus(6, AuthMethod.TOTP, AuthState.RATE_LIMITED, 30),
+    AuthCode(6, AuthMethod.TOTP, "287082"),
 ]
 
 
@@ -242,7 +250,7 @@ def test_attributes_foreign_to_the_type_are_ignored_but_still_validated() -> Non
         decode(message(1, attr(1, v4("203.0.113.7", 40))))
 
 
-@pytest.mark.parametrize("kind", [0, 5, 6, 0x7F, 0xFF])
+@pytest.mark.parametrize("kind", [0, 7, 8, 0x7F, 0xFF])
 def test_unknown_message_type_is_ignored(kind: int) -> None:
     assert decode(message(kind, attr(1, b"anything at all"), request_id=1)) is None
 
@@ -599,6 +607,47 @@ def test_fuzz_decode_never_raises_anything_but_control_error() -> None:
         _check_decode_contract(data)
     # The fuzzer must reach every outcome, or it is not exploring the decoder.
     assert all(count > 100 for count in outcomes.values()), outcomes
+
+
+# ---------------------------------------------------------------- the second factor's messages
+
+
+def test_golden_auth_bytes() -> None:
+    assert encode(AuthCode(3, AuthMethod.TOTP, "287082")) == message(
+        6, attr(8, b"\x01"), attr(11, b"287082"), request_id=3)
+    assert encode(AuthStatus(3, AuthMethod.TOTP, AuthState.AUTHORIZED, 43200)) == message(
+        5, attr(8, b"\x01"), attr(9, b"\x00"), attr(10, (43200).to_bytes(4, "big")), request_id=3)
+
+
+@pytest.mark.parametrize("body", [
+    [attr(9, b"\x01")],  # no method
+    [attr(8, b"\x01")],  # no state
+    [attr(8, b"\x01"), attr(9, b"\x05")],  # a state version 1 does not have
+    [attr(8, b"\x01\x00"), attr(9, b"\x01")],
+    [attr(8, b"\x01"), attr(9, b"\x01"), attr(10, b"\x00\x01")],
+    [attr(8, b"\x01"), attr(9, b"\x01"), attr(9, b"\x01")],
+])
+def test_a_bad_auth_status_is_rejected(body: list[bytes]) -> None:
+    with pytest.raises(ControlError):
+        decode(message(5, *body, request_id=1))
+
+
+@pytest.mark.parametrize("code", [b"", b"12 34", b"12\n34", "123é".encode(), b"1" * 65, b"\xff"])
+def test_a_code_must_be_short_printable_ascii(code: bytes) -> None:
+    with pytest.raises(ControlError):
+        decode(message(6, attr(8, b"\x01"), attr(11, code), request_id=1))
+
+
+def test_a_code_needs_a_method_and_a_code() -> None:
+    for body in ([attr(11, b"123456")], [attr(8, b"\x01")]):
+        with pytest.raises(ControlError):
+            decode(message(6, *body, request_id=1))
+    with pytest.raises(ControlError):
+        encode(AuthCode(1, AuthMethod.TOTP, "12 34"))
+
+
+def test_an_unknown_method_is_the_receivers_business() -> None:
+    assert decode(encode(AuthCode(1, 77, "token"))) == AuthCode(1, 77, "token")
 
 
 # ---------------------------------------------------------------- the document matches the code

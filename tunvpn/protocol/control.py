@@ -37,6 +37,8 @@ MAX_SEARCH_DOMAIN_BYTES = 253  # the longest DNS name in text form
 MAX_LABEL_BYTES = 63
 MIN_MTU = 68  # the smallest MTU IPv4 allows (RFC 791); Linux refuses less
 MAX_U16 = 0xFFFF
+MAX_U32 = 0xFFFFFFFF
+MAX_CODE_BYTES = 64
 
 Interface = IPv4Interface | IPv6Interface
 Network = IPv4Network | IPv6Network
@@ -54,6 +56,8 @@ class MessageType(IntEnum):
     CONFIG_PUSH = 2
     GOODBYE = 3
     CONFIG_REFUSED = 4
+    AUTH_STATUS = 5
+    AUTH_CODE = 6
 
 
 class AttributeType(IntEnum):
@@ -64,6 +68,24 @@ class AttributeType(IntEnum):
     KEEPALIVE = 5
     REASON = 6
     SEARCH = 7
+    AUTH_METHOD = 8
+    AUTH_STATE = 9
+    SECONDS = 10
+    CODE = 11
+
+
+class AuthMethod(IntEnum):
+    """What a peer must present before its traffic may pass (more may come, e.g. invitations)."""
+
+    TOTP = 1
+
+
+class AuthState(IntEnum):
+    AUTHORIZED = 0  # SECONDS: left until the authorization ends
+    REQUIRED = 1  # traffic is held back until a code is accepted
+    REFUSED = 2  # the code was wrong or already used
+    RATE_LIMITED = 3  # too many guesses; SECONDS: until the next is taken
+    NOT_REQUIRED = 4  # this peer needs nothing of the kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +131,28 @@ class Goodbye:
     reason: str = ""
 
 
-ControlMessage = ConfigRequest | ConfigPush | ConfigRefused | Goodbye
+@dataclass(frozen=True, slots=True)
+class AuthStatus:
+    """Server -> client: where the client stands with `method`, answering the request with this id
+    (a config request or an AuthCode), or 0 when the state changed on its own (a session ended)."""
+
+    request_id: int
+    method: int
+    state: AuthState
+    seconds: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthCode:
+    """Client -> server: a code for `method` (for TOTP six digits); answered by an AuthStatus."""
+
+    request_id: int
+    method: int
+    code: str
+
+
+ControlMessage = ConfigRequest | ConfigPush | ConfigRefused | Goodbye | AuthStatus | AuthCode
 
 _MESSAGE_TYPES = frozenset(MessageType)
 
@@ -121,6 +164,10 @@ _ATTRIBUTE_LIMITS = {
     AttributeType.MTU: 1,
     AttributeType.KEEPALIVE: 1,
     AttributeType.REASON: 1,
+    AttributeType.AUTH_METHOD: 1,
+    AttributeType.AUTH_STATE: 1,
+    AttributeType.SECONDS: 1,
+    AttributeType.CODE: 1,
 }
 _LIMIT_NAMES = {
     AttributeType.ADDRESS: "addresses",
@@ -130,6 +177,10 @@ _LIMIT_NAMES = {
     AttributeType.MTU: "MTU attributes",
     AttributeType.KEEPALIVE: "KEEPALIVE attributes",
     AttributeType.REASON: "REASON attributes",
+    AttributeType.AUTH_METHOD: "AUTH_METHOD attributes",
+    AttributeType.AUTH_STATE: "AUTH_STATE attributes",
+    AttributeType.SECONDS: "SECONDS attributes",
+    AttributeType.CODE: "CODE attributes",
 }
 
 
@@ -172,6 +223,21 @@ def _check_search_domain(domain: str) -> bytes:
         if not _LABEL.fullmatch(label) or len(label.encode()) > MAX_LABEL_BYTES:
             raise ControlError(f"search domain {domain!r} is not a DNS name")
     return encoded
+
+
+def _check_code(code: str) -> bytes:
+    """Codes may reach a log line when refused: printable ASCII without spaces only."""
+    if not code or not code.isascii() or not code.isprintable() or " " in code:
+        raise ControlError("code is not 1 or more printable ASCII characters without spaces")
+    encoded = code.encode("ascii")
+    if len(encoded) > MAX_CODE_BYTES:
+        raise ControlError(f"code is {len(encoded)} bytes > {MAX_CODE_BYTES}")
+    return encoded
+
+
+def _check_u8(value: int, what: str) -> None:
+    if not 0 <= value <= 0xFF:
+        raise ControlError(f"{what} {value} outside 0..255")
 
 
 def _utf8(value: bytes, what: str) -> str:
@@ -220,6 +286,23 @@ def _reason_body(reason: str) -> list[bytes]:
     return [_attribute(AttributeType.REASON, encoded)] if encoded else []
 
 
+def _auth_status_body(status: AuthStatus) -> list[bytes]:
+    _check_u8(status.method, "auth method")
+    parts = [_attribute(AttributeType.AUTH_METHOD, bytes((status.method,))),
+             _attribute(AttributeType.AUTH_STATE, bytes((AuthState(status.state),)))]
+    if status.seconds is not None:
+        if not 0 <= status.seconds <= MAX_U32:
+            raise ControlError(f"seconds {status.seconds} outside 0..{MAX_U32}")
+        parts.append(_attribute(AttributeType.SECONDS, status.seconds.to_bytes(4, "big")))
+    return parts + _reason_body(status.reason)
+
+
+def _auth_code_body(code: AuthCode) -> list[bytes]:
+    _check_u8(code.method, "auth method")
+    return [_attribute(AttributeType.AUTH_METHOD, bytes((code.method,))),
+            _attribute(AttributeType.CODE, _check_code(code.code))]
+
+
 def encode(message: ControlMessage) -> bytes:
     """The message's bytes, unpadded; ControlError if it breaks a limit (decode would reject it)."""
     if isinstance(message, ConfigRequest):
@@ -232,6 +315,10 @@ def encode(message: ControlMessage) -> bytes:
         kind, request_id, parts = MessageType.CONFIG_REFUSED, message.request_id, _reason_body(message.reason)
     elif isinstance(message, Goodbye):
         kind, request_id, parts = MessageType.GOODBYE, 0, _reason_body(message.reason)
+    elif isinstance(message, AuthStatus):
+        kind, request_id, parts = MessageType.AUTH_STATUS, message.request_id, _auth_status_body(message)
+    elif isinstance(message, AuthCode):
+        kind, request_id, parts = MessageType.AUTH_CODE, message.request_id, _auth_code_body(message)
     else:
         raise TypeError(f"not a control message: {message!r}")
     if not 0 <= request_id <= MAX_REQUEST_ID:
@@ -256,6 +343,10 @@ class _Attributes:
     mtu: int | None = None
     keepalive: int | None = None
     reason: str = ""
+    method: int | None = None
+    state: AuthState | None = None
+    seconds: int | None = None
+    code: str | None = None
 
 
 def _split_prefixed(value: bytes, what: str) -> tuple[Address, int]:
@@ -280,12 +371,6 @@ def _parse_route(value: bytes) -> Network:
         raise ControlError(f"ROUTE {address}/{prefix} has host bits set") from None
 
 
-def _parse_u16(value: bytes, what: str) -> int:
-    if len(value) != 2:
-        raise ControlError(f"{what} attribute of {len(value)} bytes (must be 2)")
-    return int.from_bytes(value, "big")
-
-
 def _store(found: _Attributes, kind: int, value: bytes) -> None:
     if kind == AttributeType.ADDRESS:
         address, prefix = _split_prefixed(value, "ADDRESS")
@@ -302,13 +387,37 @@ def _store(found: _Attributes, kind: int, value: bytes) -> None:
         _check_search_domain(domain)
         found.search.append(domain)
     elif kind == AttributeType.MTU:
-        found.mtu = _parse_u16(value, "MTU")
+        found.mtu = _parse_fixed(value, 2, "MTU")
         _check_mtu(found.mtu)
     elif kind == AttributeType.KEEPALIVE:
-        found.keepalive = _parse_u16(value, "KEEPALIVE")
+        found.keepalive = _parse_fixed(value, 2, "KEEPALIVE")
     elif kind == AttributeType.REASON:
         found.reason = _utf8(value, "reason")
         _check_reason(found.reason)
+    elif kind == AttributeType.AUTH_METHOD:
+        found.method = _parse_fixed(value, 1, "AUTH_METHOD")
+    elif kind == AttributeType.AUTH_STATE:
+        state = _parse_fixed(value, 1, "AUTH_STATE")
+        if state not in _AUTH_STATES:
+            raise ControlError(f"unknown AUTH_STATE {state}")
+        found.state = AuthState(state)
+    elif kind == AttributeType.SECONDS:
+        found.seconds = _parse_fixed(value, 4, "SECONDS")
+    elif kind == AttributeType.CODE:
+        try:
+            found.code = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ControlError("code is not ASCII") from None
+        _check_code(found.code)
+
+
+_AUTH_STATES = frozenset(AuthState)
+
+
+def _parse_fixed(value: bytes, size: int, what: str) -> int:
+    if len(value) != size:
+        raise ControlError(f"{what} attribute of {len(value)} bytes (must be {size})")
+    return int.from_bytes(value, "big")
 
 
 def _parse_attributes(body: bytes) -> _Attributes:
@@ -362,4 +471,12 @@ def decode(payload: bytes) -> ControlMessage | None:
         )
     if kind == MessageType.CONFIG_REFUSED:
         return ConfigRefused(request_id, found.reason)
+    if kind == MessageType.AUTH_STATUS:
+        if found.method is None or found.state is None:
+            raise ControlError("AUTH_STATUS without AUTH_METHOD and AUTH_STATE")
+        return AuthStatus(request_id, found.method, found.state, found.seconds, found.reason)
+    if kind == MessageType.AUTH_CODE:
+        if found.method is None or found.code is None:
+            raise ControlError("AUTH_CODE without AUTH_METHOD and CODE")
+        return AuthCode(request_id, found.method, found.code)
     return Goodbye(found.reason)
