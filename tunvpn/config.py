@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
-from .keys import decode_key, derive_public_key
+from .keys import decode_key, derive_public_key, encode_key
 from .protocol.control import MAX_DNS_SERVERS, MAX_ROUTES, MAX_SEARCH_DOMAINS, ConfigPush, ControlError, encode
 from .protocol.device import DEFAULT_MTU
+from .totp import decode_secret
 
 T = TypeVar("T")
 ROLES = ("server", "client")
@@ -38,6 +39,8 @@ MAX_KEY_FILE_BYTES = 4096
 REDACTED = "(redacted)"
 DEFAULT_STATE_ROOT = "/var/lib/tunvpn"
 DEFAULT_PUSH_KEEPALIVE = 25
+DEFAULT_TOTP_SESSION = 12 * 3600
+MAX_TOTP_SESSION = 366 * 86400
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,6 +79,8 @@ class InterfaceConfig:
     # Prometheus metrics: served over HTTP at this (address, port), and/or written to this file
     metrics_listen: tuple[str, int] | None = None
     metrics_file: str | None = None
+    # server: how long an accepted second factor authorizes a peer without its own TOTPSession
+    totp_session: int | None = None
 
     def pool_subnet(self, version: int) -> IPInterface | None:
         """The server Address whose subnet holds the pool: pushed addresses take its prefix length."""
@@ -97,6 +102,10 @@ class PeerConfig:
     name: str | None = None  # for people and dashboards (show, metrics labels)
     rate_limit: int | None = None  # server: bits a second each way; 0 lifts DefaultRateLimit; None: the default
     access: list[IPNetwork] = field(default_factory=list)  # server: where the client may go; []: DefaultAccess
+    totp: bool = False  # server: the peer's traffic waits for a TOTP code (a second factor)
+    totp_secret_file: str | None = None  # server: where its secret is (TOTPSecretFile, or the default)
+    totp_session: int | None = None  # server: seconds a code authorizes it; None: the [Interface]'s
+    totp_secret: bytes | None = field(default=None, repr=False)  # read from totp_secret_file at load
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,7 @@ class _Context:
     config_dir: str
     identity: Identity  # the files are judged for a daemon running as this user and group
     secrets_refused: str | None  # why the config file may not hold inline keys; None if it may or unchecked
+    totp_secrets: bool = True  # read TOTP secret files (not when `tunvpn totp-secret` is about to write one)
 
 
 class _Required:
@@ -531,6 +541,36 @@ def _parse_rate(value: str, ctx: _Context) -> int:
     return bits
 
 
+_DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(value: str, ctx: _Context) -> int:
+    """`12h`, `90m`, `1d12h`, or plain seconds; 1 second to 366 days."""
+    text = value.lower().replace(" ", "")
+    if re.fullmatch(r"[0-9]{1,9}", text):
+        seconds = int(text)
+    elif text and re.fullmatch(rf"(?:{_DURATION_PART.pattern})+", text):
+        seconds = sum(int(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
+    else:
+        raise ValueError(f"'{value}' is not a duration like 12h, 90m, 1d12h or seconds")
+    if not 1 <= seconds <= MAX_TOTP_SESSION:
+        raise ValueError(f"'{value}' is not between 1 second and 366 days")
+    return seconds
+
+
+def _parse_path(value: str, ctx: _Context) -> str:
+    if not value or "\0" in value:
+        raise ValueError("not a file name")
+    return value
+
+
+def default_totp_secret_file(config_dir: str, name: str, public_key: bytes) -> str:
+    """`NAME.totp/KEY` beside the config, the key's base64 made file-name safe ('/' -> '_', '+' -> '-')."""
+    safe = encode_key(public_key).replace("/", "_").replace("+", "-")
+    return os.path.join(config_dir, f"{name}.totp", safe)
+
+
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 
@@ -661,6 +701,7 @@ INTERFACE_KEYS: tuple[Key, ...] = (
     Key("DefaultAccess", "default_access", _parse_allowed_ips, repeats=True, roles=SERVER),
     Key("MetricsListen", "metrics_listen", _parse_metrics_listen),
     Key("MetricsFile", "metrics_file", _parse_metrics_file),
+    Key("TOTPSession", "totp_session", _parse_duration, default=_server_default(DEFAULT_TOTP_SESSION), roles=SERVER),
 )
 
 PEER_KEYS: tuple[Key, ...] = (
@@ -675,6 +716,10 @@ PEER_KEYS: tuple[Key, ...] = (
         wrong_role_hint="the server limits its clients; set RateLimit in the server's [Peer] for this client"),
     Key("Access", "access", _parse_allowed_ips, repeats=True, roles=SERVER,
         wrong_role_hint="the server decides where its clients may go"),
+    Key("TOTP", "totp", _parse_bool, default=False, roles=SERVER,
+        wrong_role_hint="the server asks for the code; run `tunvpn login` on the client"),
+    Key("TOTPSecretFile", "totp_secret_file", _parse_path, roles=SERVER),
+    Key("TOTPSession", "totp_session", _parse_duration, roles=SERVER),
 )
 
 
@@ -1039,7 +1084,30 @@ def _build_peer(section: _Section, ctx: _Context) -> PeerConfig:
     values = section.values(ctx)
     if ctx.role == "client" and values["endpoint"] is None:
         raise ConfigError(ctx.path, section.line, "Endpoint", "missing; a client initiates, so every [Peer] needs one")
-    return PeerConfig(**values, endpoint_address=None, line=section.line)
+    peer = PeerConfig(**values, endpoint_address=None, line=section.line)
+    return _with_totp_secret(peer, section, ctx) if ctx.role == "server" else peer
+
+
+def _with_totp_secret(peer: PeerConfig, section: _Section, ctx: _Context) -> PeerConfig:
+    """TOTP = yes: the secret read from TOTPSecretFile, or from NAME.totp/KEY beside the config."""
+    if not peer.totp:
+        for attr in ("totp_secret_file", "totp_session"):
+            if attr in section.entries:
+                line, key = section.where(attr)
+                raise ConfigError(ctx.path, line, key, "has no effect without TOTP = yes in this [Peer]")
+        return peer
+    line, key = section.where("totp_secret_file" if "totp_secret_file" in section.entries else "totp")
+    path = (os.path.join(ctx.config_dir, peer.totp_secret_file) if peer.totp_secret_file
+            else default_totp_secret_file(ctx.config_dir, ctx.name, peer.public_key))
+    if not ctx.totp_secrets:
+        return replace(peer, totp_secret_file=path)
+    try:
+        secret = decode_secret(_read_secret_file(path, ctx.identity))
+    except ValueError as exc:
+        reason = str(exc) if str(exc).startswith(("cannot", path)) else f"{path} {exc}"
+        hint = "" if os.path.exists(path) else f"; make one with `tunvpn totp-secret {ctx.name} --peer KEY`"
+        raise ConfigError(ctx.path, line, key, reason + hint) from None
+    return replace(peer, totp_secret_file=path, totp_secret=secret)
 
 
 def _check_peer_keys(interface: InterfaceConfig, peers: list[tuple[PeerConfig, _Section]], ctx: _Context) -> None:
@@ -1147,10 +1215,11 @@ def _resolve(peer: PeerConfig, section: _Section, ctx: _Context) -> PeerConfig:
     return replace(peer, endpoint_address=address)
 
 
-def _parse(text: str, path: str, role: str, resolve: bool, identity: Identity, secrets_refused: str | None) -> Config:
+def _parse(text: str, path: str, role: str, resolve: bool, identity: Identity, secrets_refused: str | None,
+           totp_secrets: bool = True) -> Config:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")  # a caller's bug, not bad input
-    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), identity, secrets_refused)
+    ctx = _Context(path, Path(path).stem, role, os.path.dirname(path), identity, secrets_refused, totp_secrets)
     sections = _read_sections(text.removeprefix("\ufeff"), ctx)
     interface_section = next((section for section in sections if section.spec is INTERFACE), None)
     if interface_section is None:
@@ -1185,9 +1254,10 @@ def parse_config(text: str, path: str, role: str, resolve: bool = True, identity
 
 
 def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True,
-                identity: Identity | None = None) -> Config:
+                identity: Identity | None = None, totp_secrets: bool = True) -> Config:
     """Read and parse a config file that only root or the daemon's user can change; inline secrets
-    in a file others can read are refused. The daemon is `identity` (default: this process)."""
+    in a file others can read are refused. The daemon is `identity` (default: this process).
+    Without `totp_secrets` the TOTP secret files are located but not read."""
     path = os.fspath(path)
     identity = identity or running_identity()
     try:
@@ -1205,7 +1275,8 @@ def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True,
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text") from None
-    return _parse(text, path, role, resolve, identity, secrets_refused=_secret_mode_problem(status, path, identity))
+    return _parse(text, path, role, resolve, identity, secrets_refused=_secret_mode_problem(status, path, identity),
+                  totp_secrets=totp_secrets)
 
 
 def guess_role(text: str) -> str:
