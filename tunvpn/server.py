@@ -1,4 +1,5 @@
-"""`tunvpn server`: one tun for all clients, an address pool, pushed config, saved endpoints."""
+"""`tunvpn server`: one tun for all clients, an address pool, pushed config, saved endpoints,
+and a second factor for the peers that need one."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import time
 from pathlib import Path
 
 from .config import Config, server_subnets
-from .daemon import Daemon, IPNetwork, Options, refused_note, short_key
+from .daemon import Daemon, IPNetwork, Options, PeerLogLimit, refused_note, short_key
+from .gate import PeerGate
 from .pool import AddressPool, Lease, PoolExhausted
 from .protocol import control
-from .protocol.device import ControlReceived, Device, EndpointChanged, Event
+from .protocol.control import AuthMethod, AuthState
+from .protocol.device import ControlReceived, Device, EndpointChanged, Event, HandshakeCompleted
+from .secondfactor import HOLD_REASON, SecondFactor, TotpPeer, Verdict
 from .state import State, StateStore, endpoint_from_text, endpoint_to_text
 
 log = logging.getLogger("tunvpn")
@@ -36,7 +40,12 @@ class Server(Daemon):
         self.pool = self._build_pool(config, self.state.leases)
         self.tunvpn_peers: set[bytes] = set()
         self._last_request: dict[bytes, float] = {}
+        self.wall_clock = time.time  # second-factor deadlines must mean the same after a restart
+        self.gate = PeerGate(self.device)
+        self.second_factor = SecondFactor(self.state.second_factor)
+        self._held_log = PeerLogLimit(burst=1, window=3600.0)  # a stock peer rekeys every 2 minutes
         self._sync_peers(config.peers, endpoints=True)
+        self._sync_second_factor()
 
     @property
     def state_directory(self) -> Path:
@@ -176,11 +185,17 @@ class Server(Daemon):
         elif isinstance(event, EndpointChanged):
             self.state.endpoints[event.public_key] = endpoint_to_text(event.endpoint)
             self._schedule_save(now + STATE_SAVE_DELAY)
+        elif isinstance(event, HandshakeCompleted) and self.gate.is_held(event.public_key, HOLD_REASON):
+            if self._held_log.allow(event.public_key, "second factor", now):
+                log.warning("peer %s: connected, but its traffic is dropped until it presents a second factor "
+                            "(TOTP = yes): `tunvpn login` on its tunvpn client; a stock WireGuard peer cannot "
+                            "send one, so none of its traffic passes", short_key(event.public_key))
 
     def tick(self, now: float) -> float | None:
+        expiry = self._end_sessions(now)
         if self._save_at is not None and now >= self._save_at:
             self._save()
-        return self._save_at
+        return min((d for d in (self._save_at, expiry) if d is not None), default=None)
 
     def say_goodbye(self, now: float) -> None:
         goodbye = control.encode(control.Goodbye("server shutting down"))
@@ -190,12 +205,79 @@ class Server(Daemon):
         if self._save_at is not None:
             self._save()
 
+    def summary(self) -> str:
+        held = sum(1 for key in self.device.peer_keys() if self.gate.is_held(key, HOLD_REASON))
+        return super().summary() + (f"; {held} waiting for second factor" if held else "")
+
     def status_extra(self) -> dict:
         pool = {str(version): {"size": size, "leased": leased} for version, (size, leased) in self.pool.usage().items()}
         return {"client_to_client": bool(self.config.interface.client_to_client), "pushed": None, "pool": pool}
 
     def peer_status_extra(self, public_key: bytes) -> dict:
-        return {"tunvpn": public_key in self.tunvpn_peers}
+        second_factor = None
+        if self.second_factor.required(public_key):
+            until = self.second_factor.authorized_until(public_key, self.wall_clock())
+            second_factor = {"method": "totp", "authorized": until is not None, "until": until}
+        return {"tunvpn": public_key in self.tunvpn_peers, "second_factor": second_factor}
+
+    # --- the second factor ----------------------------------------------------------------
+
+    def _sync_second_factor(self) -> list[bytes]:
+        """Who needs a code now, each held unless authorized; the peers whose need changed."""
+        session = self.config.interface.totp_session or 0
+        before = {key for key in self.device.peer_keys() if self.second_factor.required(key)}
+        if self.second_factor.configure(TotpPeer(peer.public_key, peer.totp_secret, peer.totp_session or session)
+                                        for peer in self.config.peers if peer.totp):
+            self._schedule_save(0.0)
+        wall = self.wall_clock()
+        for peer in self.config.peers:
+            key = peer.public_key
+            if self.second_factor.required(key) and self.second_factor.authorized_until(key, wall) is None:
+                self.gate.hold(key, HOLD_REASON)
+            else:
+                self.gate.release(key, HOLD_REASON)
+        return [peer.public_key for peer in self.config.peers
+                if (peer.public_key in before) != self.second_factor.required(peer.public_key)]
+
+    def _auth_status(self, public_key: bytes, request_id: int) -> list[bytes]:
+        """Where a peer stands, for a tunvpn client to show; nothing for a peer that needs no code."""
+        if not self.second_factor.required(public_key):
+            return []
+        wall = self.wall_clock()
+        until = self.second_factor.authorized_until(public_key, wall)
+        verdict = Verdict(AuthState.REQUIRED) if until is None else Verdict(AuthState.AUTHORIZED, until - int(wall))
+        return [control.encode(control.AuthStatus(request_id, AuthMethod.TOTP, *verdict))]
+
+    def _check_code(self, public_key: bytes, message: control.AuthCode, now: float) -> None:
+        key = short_key(public_key)
+        verdict = (self.second_factor.check(public_key, message.code, self.wall_clock(), now)
+                   if message.method == AuthMethod.TOTP else Verdict(AuthState.NOT_REQUIRED))
+        if verdict.state == AuthState.AUTHORIZED:
+            self.gate.release(public_key, HOLD_REASON)
+            self._schedule_save(0.0)
+            self.status_changed()
+            log.info("peer %s: second factor accepted; authorized for %d s", key, verdict.seconds)
+        elif verdict.state in (AuthState.REFUSED, AuthState.RATE_LIMITED):
+            reason = "second_factor_refused" if verdict.state == AuthState.REFUSED else "second_factor_rate_limited"
+            self.device.count_drop(public_key, reason)
+            if self.peer_log.allow(public_key, reason, now):
+                log.warning("peer %s: second factor %s", key, "refused (a wrong or already used code)"
+                            if verdict.state == AuthState.REFUSED else f"guess refused: too many, next in {verdict.seconds} s")
+        self.device.send_to_peer(public_key, [control.encode(control.AuthStatus(
+            message.request_id, message.method, *verdict))], now)
+
+    def _end_sessions(self, now: float) -> float | None:
+        """Hold the peers whose authorization ran out, and tell them; the monotonic time of the next end."""
+        wall = self.wall_clock()
+        for public_key in self.second_factor.expire(wall):
+            self.gate.hold(public_key, HOLD_REASON)
+            self._schedule_save(now)
+            self.status_changed()
+            log.info("peer %s: second factor session ended; its traffic waits for a new code", short_key(public_key))
+            if public_key in self.tunvpn_peers and self.device.has_session(public_key):
+                self.device.send_to_peer(public_key, self._auth_status(public_key, 0), now)
+        ends = self.second_factor.next_expiry()
+        return None if ends is None else now + max(0.0, ends - wall)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -206,7 +288,7 @@ class Server(Daemon):
     def _save(self) -> None:
         """Write a copy of the state beside the loop (fsyncs are slow); a newer save replaces a queued one."""
         self._save_at = None
-        snapshot = State(dict(self.state.leases), dict(self.state.endpoints))
+        snapshot = State(dict(self.state.leases), dict(self.state.endpoints), dict(self.state.second_factor))
         self.system.submit("saving state", lambda: self.store.save(snapshot), self._saved, key="state")
 
     def _saved(self, written: bool | None, error: BaseException | None) -> None:
@@ -244,8 +326,11 @@ class Server(Daemon):
                 return
             self._last_request[public_key] = now
             self.tunvpn_peers.add(public_key)
-            self.device.send_to_peer(public_key, [self._encoded_answer(public_key, message.request_id, message.addresses)],
-                                     now)
+            answer = self._encoded_answer(public_key, message.request_id, message.addresses)
+            self.device.send_to_peer(public_key, [answer, *self._auth_status(public_key, message.request_id)], now)
+        elif isinstance(message, control.AuthCode):
+            self.tunvpn_peers.add(public_key)
+            self._check_code(public_key, message, now)
         elif isinstance(message, control.Goodbye):
             if self.peer_log.allow(public_key, "goodbye", now):
                 log.info("peer %s: said goodbye (%s)", short_key(public_key), message.reason or "no reason")
@@ -293,6 +378,7 @@ class Server(Daemon):
         self.device.set_forwarding(bool(new.interface.client_to_client))
         for public_key in removed:
             self.device.remove_peer(public_key)
+            self.gate.forget(public_key)
             self.tunvpn_peers.discard(public_key)
             self._last_request.pop(public_key, None)
         # A lease the new pool moved (a changed Pool, a new fixed address) must reach cryptokey
@@ -302,6 +388,10 @@ class Server(Daemon):
         if _policy_defaults(new) != old_policy_defaults:
             touched = set(self._configured)  # every peer without its own limit or rules follows the default
         self._sync_peers([self._configured[key] for key in touched], endpoints=True)
+        for public_key in set(self._sync_second_factor()) & self.tunvpn_peers:  # asked for a code, or no longer
+            status = self._auth_status(public_key, 0) or [control.encode(control.AuthStatus(
+                0, AuthMethod.TOTP, AuthState.NOT_REQUIRED))]
+            self.device.send_to_peer(public_key, status, now)
         self.set_routes(self._routed_outside_subnets(new.peers))
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
                  len(changed), refused_note(self.refused))

@@ -1,4 +1,5 @@
-"""The server's state directory: address leases and last endpoints, per peer public key.
+"""The server's state directory: address leases, last endpoints and second-factor
+authorizations, per peer public key.
 
 One file, `state.json`, replaced atomically (temp file in the same directory, fsync, rename,
 fsync of the directory), so a crash leaves either the old or the new file, never a mix. Losing
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from .keys import decode_key, encode_key
 from .pool import Lease
+from .secondfactor import Authorization
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
@@ -44,6 +46,7 @@ class State:
 
     leases: dict[bytes, Lease] = field(default_factory=dict)
     endpoints: dict[bytes, str] = field(default_factory=dict)
+    second_factor: dict[bytes, Authorization] = field(default_factory=dict)
 
 
 # --- endpoints as text ---------------------------------------------------------------------------
@@ -172,13 +175,29 @@ def _checked_endpoint(text: Any) -> str:
     return endpoint_to_text(endpoint_from_text(text))
 
 
+def _authorization_to_json(authorization: Authorization) -> dict[str, int]:
+    return {"until": authorization.until, "step": authorization.step}
+
+
+def _authorization_from_json(value: Any) -> Authorization:
+    if not isinstance(value, dict) or set(value) != {"until", "step"}:
+        raise ValueError(f"{_quote(value)} is not an object like {{\"until\": ..., \"step\": ...}}")
+    for name in ("until", "step"):
+        if type(value[name]) is not int or value[name] < 0:
+            raise ValueError(f"{name} {_quote(value[name])} is not a whole number of 0 or more")
+    return Authorization(value["until"], value["step"])
+
+
 LEASES = _Section("leases", _lease_from_json, _lease_to_json)
 ENDPOINTS = _Section("endpoints", _checked_endpoint, _checked_endpoint)
-SECTIONS = (LEASES, ENDPOINTS)
+SECOND_FACTOR = _Section("second_factor", _authorization_from_json, _authorization_to_json)
+SECTIONS = (LEASES, ENDPOINTS, SECOND_FACTOR)
 
 
 def _entries(state: State, section: _Section) -> dict[bytes, Any]:
-    return state.leases if section is LEASES else state.endpoints
+    if section is LEASES:
+        return state.leases
+    return state.endpoints if section is ENDPOINTS else state.second_factor
 
 
 # --- the whole file ------------------------------------------------------------------------------
@@ -279,8 +298,8 @@ def _salvage_lines(text: str, state: State, problems: list[str]) -> int:
             except ValueError:
                 number = version.group(1)
             if not _version_readable(number, problems):
-                state.leases.clear()
-                state.endpoints.clear()
+                for section in SECTIONS:
+                    _entries(state, section).clear()
                 return skipped
         elif section is not None and (entry := _one_entry(line)) is not None:
             section.read_entry(*entry, _entries(state, section), problems)

@@ -14,6 +14,7 @@ import pytest
 import tunvpn.state as state_module
 from tunvpn.keys import decode_key, encode_key
 from tunvpn.pool import AddressPool, Lease
+from tunvpn.secondfactor import Authorization
 from tunvpn.state import (
     MAX_REPORTED_PROBLEMS,
     State,
@@ -42,6 +43,7 @@ def sample_state() -> State:
             key(3): Lease(None, iface("2001:db8:100::4/64")),
         },
         endpoints={key(1): "192.0.2.2:40000", key(2): "[2001:db8::2]:51820", key(3): "[fe80::2%7]:1"},
+        second_factor={key(1): Authorization(1_700_043_200, 56_666_666), key(3): Authorization(0, 56_600_000)},
     )
 
 
@@ -111,6 +113,8 @@ def test_file_is_the_documented_json(tmp_path: Path) -> None:
             k64(3): {"ipv6": "2001:db8:100::4/64"},
         },
         "endpoints": {k64(1): "192.0.2.2:40000", k64(2): "[2001:db8::2]:51820", k64(3): "[fe80::2%7]:1"},
+        "second_factor": {k64(1): {"until": 1_700_043_200, "step": 56_666_666},
+                          k64(3): {"until": 0, "step": 56_600_000}},
     }
 
 
@@ -335,6 +339,8 @@ def test_truncated_anywhere_keeps_exactly_the_complete_lines(tmp_path: Path, mon
         whole = whole_entries(data, cut)
         assert loaded.leases == {k: v for k, v in original.leases.items() if k in whole["leases"]}, cut
         assert loaded.endpoints == {k: v for k, v in original.endpoints.items() if k in whole["endpoints"]}, cut
+        assert loaded.second_factor == {k: v for k, v in original.second_factor.items()
+                                        if k in whole["second_factor"]}, cut
         for aside in aside_files(tmp_path):
             aside.unlink()
         (tmp_path / "state.json").unlink()
@@ -342,7 +348,7 @@ def test_truncated_anywhere_keeps_exactly_the_complete_lines(tmp_path: Path, mon
 
 def whole_entries(data: bytes, cut: int) -> dict[str, set[bytes]]:
     """Per section, the keys whose entry line (but perhaps not its trailing comma) ends before `cut`."""
-    whole: dict[str, set[bytes]] = {"leases": set(), "endpoints": set()}
+    whole: dict[str, set[bytes]] = {"leases": set(), "endpoints": set(), "second_factor": set()}
     section, position = None, 0
     for line in data.decode("ascii").splitlines(keepends=True):
         body = line.strip().removesuffix(",")
@@ -355,6 +361,17 @@ def whole_entries(data: bytes, cut: int) -> dict[str, set[bytes]]:
             whole[section].add(decode_key(key_text))
         position += len(line)
     return whole
+
+
+def test_bad_second_factor_entries_are_dropped_and_the_good_kept(tmp_path: Path) -> None:
+    good = {"until": 1_700_000_000, "step": 5}
+    entries = {k64(1): good, k64(2): {"until": -1, "step": 5}, k64(3): {"until": True, "step": 5},
+               k64(4): {"until": 1}, k64(5): [1, 2], k64(6): {"until": 1, "step": 2, "extra": 3},
+               k64(7): {"until": "soon", "step": 1}}
+    (tmp_path / "state.json").write_bytes(as_bytes(document(second_factor=entries)))
+    loaded, problems = load_fresh(tmp_path)
+    assert loaded.second_factor == {key(1): Authorization(1_700_000_000, 5)}
+    assert sum(f"second_factor: dropped the entry for peer {k64(n)}" in "\n".join(problems) for n in range(2, 8)) == 6
 
 
 def test_problem_lines_are_capped(tmp_path: Path) -> None:
