@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 
 from .config import Config, PeerConfig, resolve_endpoint, validate_push
 from .daemon import Daemon, IPNetwork, Options, refused_note, short_key
 from .io.dns import DnsError, DnsManager
 from .protocol import control
+from .protocol.control import AuthMethod, AuthState
 from .protocol.device import ControlReceived, Device, Event, HandshakeCompleted, HandshakeGaveUp, KeysExpired
 
 log = logging.getLogger("tunvpn")
@@ -45,6 +47,14 @@ class Client(Daemon):
         self._full_tunnel: set[int] = set()  # IP versions whose default route goes into the tunnel
         self.dns: DnsManager | None = None
         self._dns_wanted: tuple[list[str], list[str]] | None = None  # what we last asked the helpers for
+        self.wall_clock = time.time
+        # The second factor, as the server last told it: None (nothing asked), waiting, checking (a code
+        # is on its way), authorized, refused or rate_limited; a code's answer carries its attempt id.
+        self.auth_state: str | None = None
+        self._auth_until: int | None = None
+        self._auth_retry_after: int | None = None
+        self._attempt = 0
+        self._answered = 0
         for peer in config.peers:
             self.device.set_peer(peer.public_key, endpoint=peer.endpoint_address, **self.peer_device_settings(peer))
 
@@ -111,7 +121,21 @@ class Client(Daemon):
                 "mtu": self.pushed.mtu,
                 "keepalive": self.pushed.keepalive,
             }
-        return {"client_to_client": None, "pushed": pushed, "config_source": self.mode}
+        second_factor = None if self.auth_state is None else {
+            "state": self.auth_state, "until": self._auth_until, "retry_after": self._auth_retry_after,
+            "attempt": self._attempt, "answered": self._answered}
+        return {"client_to_client": None, "pushed": pushed, "config_source": self.mode, "second_factor": second_factor}
+
+    def summary(self) -> str:
+        line = super().summary()
+        if self.auth_state not in (None, "authorized"):
+            line += f"; waiting for second factor (tunvpn login {self.config.name})"
+        return line
+
+    def handle_request(self, request: dict) -> dict:
+        if request.get("command") == "login":
+            return self._login(request.get("code"))
+        return super().handle_request(request)
 
     def peer_status_extra(self, public_key: bytes) -> dict:
         return {"tunvpn": public_key == self.server.public_key and self.mode == "pushed"}
@@ -182,8 +206,57 @@ class Client(Daemon):
                 self.mode = "waiting"  # ask again once the server is back; keep the applied config meanwhile
             self._backoff_step = 0
             self._schedule_reconnect(now, reresolve=False)
+        elif isinstance(message, control.AuthStatus):
+            self._auth_status(message)
         elif message is None:
             self.device.count_drop(server, "ignored_control_message")
+
+    # --- the second factor -------------------------------------------------------------------------
+
+    def _login(self, code: object) -> dict:
+        """`tunvpn login`: hand a code to the server; its answer shows in the status under this attempt."""
+        if not isinstance(code, str):
+            return {"error": "login needs a code"}
+        attempt = self._attempt % control.MAX_REQUEST_ID + 1
+        try:
+            payload = control.encode(control.AuthCode(attempt, AuthMethod.TOTP, code))
+        except control.ControlError as exc:
+            return {"error": f"not a code: {exc}"}
+        self._attempt = attempt
+        self._set_auth("checking")
+        self.device.send_to_peer(self.server.public_key, [payload], time.monotonic())
+        return {"attempt": attempt}
+
+    def _auth_status(self, status: control.AuthStatus) -> None:
+        if status.method != AuthMethod.TOTP:
+            self.device.count_drop(self.server.public_key, "ignored_control_message")
+            return
+        answers_code = self.auth_state == "checking" and status.request_id == self._attempt
+        if self.auth_state == "checking" and not answers_code and status.state == AuthState.REQUIRED:
+            return  # the answer to a config request overtaken by a code: the code's answer is the news
+        if answers_code:
+            self._answered = status.request_id
+        self._auth_retry_after = status.seconds if status.state == AuthState.RATE_LIMITED else None
+        self._auth_until = (int(self.wall_clock()) + (status.seconds or 0)
+                            if status.state == AuthState.AUTHORIZED else None)
+        self._set_auth(_AUTH_STATES[status.state])
+
+    def _set_auth(self, state: str | None) -> None:
+        """One log line per change, so the journal says when traffic stopped and started again."""
+        if state == self.auth_state:
+            return
+        self.auth_state = state
+        self.status_changed()
+        if state == "waiting":
+            log.warning("waiting for second factor: the server holds this client's traffic until "
+                        "`tunvpn login %s` gives it a code", self.config.name)
+        elif state == "authorized":
+            log.info("second factor accepted; authorized until %s",
+                     time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self._auth_until)))
+        elif state == "refused":
+            log.warning("second factor refused (a wrong or already used code); still waiting for second factor")
+        elif state == "rate_limited":
+            log.warning("second factor: too many codes; the server takes the next in %s s", self._auth_retry_after)
 
     # --- applying a push --------------------------------------------------------------------------
 
@@ -338,6 +411,10 @@ class Client(Daemon):
         self.set_routes(self._wanted_routes())
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
                  len(changed), refused_note(self.refused))
+
+
+_AUTH_STATES = {AuthState.AUTHORIZED: "authorized", AuthState.REQUIRED: "waiting", AuthState.REFUSED: "refused",
+                AuthState.RATE_LIMITED: "rate_limited", AuthState.NOT_REQUIRED: None}
 
 
 def _same_push(a: control.ConfigPush, b: control.ConfigPush) -> bool:
