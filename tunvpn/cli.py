@@ -11,8 +11,10 @@ from pathlib import Path
 
 from . import __version__
 from .checkconfig import register_check_config_parser
+from .login import register_login_parser
 from .protocol.device import DEFAULT_LOAD_THRESHOLD
 from .show import register_show_parser
+from .totpsecret import register_totp_secret_parser
 from .keys import InvalidKey, decode_key, derive_public_key, encode_key, generate_preshared_key, generate_private_key
 
 EXIT_USAGE = 2
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=_run_daemon)
     register_show_parser(sub)
     register_check_config_parser(sub)
+    register_login_parser(sub)
+    register_totp_secret_parser(sub)
     return parser
 
 
