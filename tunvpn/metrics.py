@@ -24,6 +24,10 @@ PEER_SERIES = {
     "tunvpn_peer_connected": ("gauge", "1 while the peer has a live session."),
     "tunvpn_peer_dropped_total": ("counter", "Packets of this peer dropped, by reason (rate_limit, access_denied, ...)."),
     "tunvpn_peer_rate_limit_bits_per_second": ("gauge", "The peer's rate limit each way, for peers that have one."),
+    "tunvpn_peer_second_factor_authorized": ("gauge", "1 while a peer that needs a second factor is authorized, "
+                                             "0 while its traffic waits for a code."),
+    "tunvpn_peer_second_factor_deadline_seconds": ("gauge", "Unix time its second-factor authorization ends, "
+                                                   "0 if it has none."),
 }
 DEVICE_SERIES = {
     "tunvpn_peers": ("gauge", "Peers configured."),
@@ -66,6 +70,10 @@ def _peer_samples(samples: dict[str, list[str]], interface: dict[str, str], peer
         add("tunvpn_peer_dropped_total", {**labels, "reason": reason}, count)
     if peer.get("rate_limit"):
         add("tunvpn_peer_rate_limit_bits_per_second", labels, peer["rate_limit"])
+    second_factor = peer.get("second_factor")
+    if second_factor:
+        add("tunvpn_peer_second_factor_authorized", labels, 1 if second_factor.get("authorized") else 0)
+        add("tunvpn_peer_second_factor_deadline_seconds", labels, second_factor.get("until") or 0)
 
 
 def _device_samples(samples: dict[str, list[str]], interface: dict[str, str], status: dict[str, Any],

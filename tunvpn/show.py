@@ -96,6 +96,26 @@ def _pushed_config(pushed: dict | None) -> str:
     return f"pushed by the server ({', '.join(details)})"
 
 
+def _peer_second_factor(second_factor: dict, now: float) -> str:
+    if not second_factor.get("authorized"):
+        return "required, not presented: its traffic is dropped until it is"
+    return _authorized_until(second_factor["until"], now)
+
+
+def _client_second_factor(second_factor: dict, name: str | None, now: float) -> str:
+    state = second_factor.get("state")
+    if state == "authorized" and second_factor.get("until"):
+        return _authorized_until(second_factor["until"], now)
+    detail = {"checking": "; a code is on its way", "refused": "; the last code was refused",
+              "rate_limited": f"; too many codes, the next is taken in {second_factor.get('retry_after')} s"}.get(state, "")
+    return f"waiting for second factor{detail} (tunvpn login {name or 'NAME'})"
+
+
+def _authorized_until(until: float, now: float) -> str:
+    clock = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(until))
+    return f"authorized until {clock} ({format_duration(max(0, int(until - now)))} left)"
+
+
 def _interface_lines(status: dict) -> list[str]:
     lines = [f"interface: {status.get('interface', '?')}"]
     if status.get("role"):
@@ -110,6 +130,9 @@ def _interface_lines(status: dict) -> list[str]:
         lines.append(f"  client-to-client: {'yes' if status.get('client_to_client') else 'no'}")
     elif status.get("role") == "client":
         lines.append(f"  config: {_pushed_config(status.get('pushed'))}")
+        if status.get("second_factor"):
+            second_factor = _client_second_factor(status["second_factor"], status.get("name"), time.time())
+            lines.append(f"  second factor: {second_factor}")
     drops = _drops(status.get("dropped"))
     if drops:
         lines.append(f"  dropped: {drops}")
@@ -141,6 +164,8 @@ def _peer_lines(peer: dict, now: float) -> list[str]:
         lines.append(f"  rate limit: {format_rate(peer['rate_limit'])} each way")
     if peer.get("access") is not None:
         lines.append(f"  access: {_join(peer['access'])} (and the tunnel)")
+    if peer.get("second_factor"):
+        lines.append(f"  second factor: {_peer_second_factor(peer['second_factor'], now)}")
     if "tunvpn" in peer:  # False also while a tunvpn peer has not spoken yet: say only what is known
         lines.append(f"  control extension: {'yes' if peer['tunvpn'] else 'not seen'}")
     drops = _drops(peer.get("dropped"))
