@@ -1,8 +1,11 @@
 """A Linux tun device: raw IP packets in and out of a non-blocking file descriptor.
 
-The device is opened with IFF_NO_PI, so every read returns exactly one IP packet and every
-write takes exactly one.  The event loop drains it in batches (docs/architecture.md):
-`read_batch` until EAGAIN, `write_batch` for everything decrypted from one receive burst.
+The device is opened with IFF_NO_PI, so every read returns exactly one IP packet.  The event
+loop drains it in batches (docs/architecture.md): `read_batch` until EAGAIN, `write_batch` for
+everything decrypted from one receive burst.  With `vnet_header` (the daemons' default) each
+packet carries a virtio-net header, which lets `write_batch` hand the kernel a burst of one TCP
+flow's segments as one GSO packet (coalesce.py).  No offload is enabled for reads, so the
+kernel still segments and checksums what it hands us, and the read header is just skipped.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import os
 import struct
 from typing import Iterable
 
+from .coalesce import VNET_HEADER_SIZE, coalesce
+
 DEFAULT_DEVICE_PATH = "/dev/net/tun"
 MAX_PACKET_SIZE = 65535
 
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
 _IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags, then the rest of the union
 
@@ -71,9 +77,9 @@ def _attach_failure(name: str, exc: OSError) -> str:
     return f"cannot create tun device {name!r}: {exc.strerror}"
 
 
-def _attach(fd: int, name: str, encoded: bytes) -> str:
+def _attach(fd: int, name: str, encoded: bytes, flags: int) -> str:
     """TUNSETIFF: create (or attach to) the device; return the name the kernel chose."""
-    request = _IFREQ.pack(encoded, _IFF_TUN | _IFF_NO_PI)
+    request = _IFREQ.pack(encoded, flags)
     try:
         reply = fcntl.ioctl(fd, _TUNSETIFF, request)
     except OSError as exc:
@@ -85,16 +91,18 @@ def _attach(fd: int, name: str, encoded: bytes) -> str:
 class TunDevice:
     """One tun device owned by this process: it vanishes when the descriptor closes."""
 
-    def __init__(self, name: str, *, device_path: str = DEFAULT_DEVICE_PATH) -> None:
+    def __init__(self, name: str, *, device_path: str = DEFAULT_DEVICE_PATH, vnet_header: bool = False) -> None:
         encoded = _check_name(name)
         fd = _open_device_node(device_path)
         try:
-            self.name = _attach(fd, name, encoded)
+            self.name = _attach(fd, name, encoded, _IFF_TUN | _IFF_NO_PI | (_IFF_VNET_HDR if vnet_header else 0))
         except BaseException:
             os.close(fd)
             raise
         self._fd: int | None = fd
+        self.vnet_header = vnet_header
         self.write_errors = 0
+        self.writes = 0  # write calls, fewer than packets when bursts are merged
 
     def __repr__(self) -> str:
         state = "closed" if self._fd is None else f"fd={self._fd}"
@@ -116,33 +124,43 @@ class TunDevice:
     def read_batch(self, max_packets: int = 64) -> list[bytes]:
         """Read queued packets until the kernel has none left or `max_packets` were read."""
         fd = self._require_fd()
+        read = os.read
         packets: list[bytes] = []
+        skip = VNET_HEADER_SIZE if self.vnet_header else 0
         while len(packets) < max_packets:
             try:
-                packets.append(os.read(fd, MAX_PACKET_SIZE))
+                packet = read(fd, MAX_PACKET_SIZE + skip)
             except BlockingIOError:
                 break
             except OSError as exc:
                 raise self._failure("read from", exc) from exc
+            packets.append(packet[skip:] if skip else packet)
         return packets
 
     def write_batch(self, packets: Iterable[bytes]) -> int:
-        """Write each packet; return how many the kernel took.
+        """Write the packets, bursts of a TCP flow merged when the device has vnet headers;
+        return how many packets the kernel took.
 
-        A packet the kernel refuses (queue full, not IPv4/IPv6, link down) is counted in
+        A write the kernel refuses (queue full, not IPv4/IPv6, link down) is counted in
         `write_errors` and dropped, as a router drops a packet it cannot forward.
         """
         fd = self._require_fd()
+        if self.vnet_header:
+            vectors = coalesce(packets)
+        else:
+            vectors = [[packet] for packet in packets]
+        writev = os.writev
         written = 0
-        for packet in packets:
+        for vector in vectors:
             try:
-                os.write(fd, packet)
+                writev(fd, vector)
             except OSError as exc:
                 if exc.errno not in _DROPPABLE_WRITE_ERRORS:
                     raise self._failure("write to", exc) from exc
                 self.write_errors += 1
             else:
-                written += 1
+                written += _packets_in(vector)
+        self.writes += len(vectors)
         return written
 
     def close(self) -> None:
@@ -155,3 +173,8 @@ class TunDevice:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _packets_in(vector: list) -> int:
+    """How many IP packets one write vector carries ([virtio header,] packet, or header, headers, payloads)."""
+    return 1 if len(vector) <= 2 else len(vector) - 2
