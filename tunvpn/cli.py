@@ -75,7 +75,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         print(f"tunvpn {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     options = Options(control_socket=args.control_socket, state_dir=getattr(args, "state_dir", None),
-                      load_threshold=args.handshake_load_threshold)
+                      load_threshold=args.handshake_load_threshold, offloads=args.offloads)
     if args.command == "server":
         from .server import Server as role
     else:
@@ -85,6 +85,19 @@ def _run_daemon(args: argparse.Namespace) -> int:
     except (TunError, NetlinkError, UdpError, ControlSocketError, MetricsError) as exc:
         logging.getLogger("tunvpn").error("%s", exc)
         return 1
+
+
+def _offloads(text: str) -> frozenset[str]:
+    from .daemon import OFFLOADS
+
+    if text == "all":
+        return OFFLOADS
+    wanted = frozenset(word.strip() for word in text.split(",") if word.strip()) - {"none"}
+    unknown = wanted - OFFLOADS
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown offload {', '.join(sorted(unknown))}; "
+                                         f"choose from {', '.join(sorted(OFFLOADS))} or none")
+    return wanted
 
 
 def _non_negative(text: str) -> int:
@@ -113,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--handshake-load-threshold", type=_non_negative, default=DEFAULT_LOAD_THRESHOLD, metavar="N",
             help="handshake messages per second above which cookies are demanded (0: always; default %(default)s)",
+        )
+        cmd.add_argument(
+            "--offloads", type=_offloads, default="all", metavar="LIST",
+            help="data path offloads to use where the kernel has them: all (the default), none, or "
+                 "a comma-separated list of coalesce, gso and gro (for diagnosis and benchmarks)",
         )
         cmd.set_defaults(func=_run_daemon)
     register_show_parser(sub)

@@ -47,6 +47,9 @@ STATUS_INTERVAL = 1.0  # seconds between two STATUS= updates at most
 METRICS_FILE_INTERVAL = 15.0  # a textfile collector is read at each scrape; 15 s is Prometheus's default interval
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The data path's offloads (docs/architecture.md): TCP bursts merged into one tun write, UDP
+# segmentation on send, UDP receive offload.
+OFFLOADS = frozenset({"coalesce", "gso", "gro"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Options:
     control_socket: Path | None = None
     state_dir: Path | None = None
     load_threshold: int = DEFAULT_LOAD_THRESHOLD
+    offloads: frozenset[str] = OFFLOADS
 
 
 def short_key(key: bytes) -> str:
@@ -236,9 +240,10 @@ class Daemon:
         interface = self.config.interface
         with ExitStack() as cleanup:
             self.cleanup = cleanup  # roles register their own undo steps (e.g. DNS) here
-            self.udp = UdpTransport(interface.listen_port)
+            offloads = self.options.offloads
+            self.udp = UdpTransport(interface.listen_port, gso="gso" in offloads, gro="gro" in offloads)
             cleanup.callback(self.udp.close)
-            self.tun = TunDevice(interface.device)
+            self.tun = TunDevice(interface.device, vnet_header="coalesce" in offloads)
             cleanup.callback(self.tun.close)
             self.link = LinkSetup(self.tun.name)
             cleanup.callback(self.link.close)
@@ -258,9 +263,10 @@ class Daemon:
             self.loop.install_signals()
             self.link.set_up()  # routes need the link up
             self.configure_link()
-            log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s)",
+            log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s), offloads: %s",
                      self.role, self.config.name, self.tun.name, self.udp.port,
-                     encode_key(self.device.public_key), len(self.device.peer_keys()))
+                     encode_key(self.device.public_key), len(self.device.peer_keys()),
+                     ", ".join(self.offloads_in_use()) or "none")
             self.started(time.monotonic())
             self.notifier.ready()
             self.notifier.status(self.summary())
@@ -420,6 +426,7 @@ class Daemon:
             "listen_port": self.udp.port,
             "addresses": [str(a) for a in self.current_addresses()],
             "mtu": self.device.mtu,
+            "offloads": self.offloads_in_use(),
             "dropped": self.device.drops() | {f"udp_{k}": v for k, v in self.udp.errors.items()}
             | ({"tun_write_errors": self.tun.write_errors} if self.tun.write_errors else {}),
             "refused": dict(self.refused),
@@ -427,6 +434,10 @@ class Daemon:
             **self.status_extra(),
             "peers": peers,
         }
+
+    def offloads_in_use(self) -> list[str]:
+        """What the kernel granted of the offloads asked for (--offloads)."""
+        return (["coalesce"] if self.tun.vnet_header else []) + self.udp.offloads
 
     def current_addresses(self) -> list:
         return list(self.config.interface.addresses)

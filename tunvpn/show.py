@@ -126,6 +126,8 @@ def _interface_lines(status: dict) -> list[str]:
     lines.append(f"  addresses: {_join(status.get('addresses', []))}")
     if status.get("mtu") is not None:
         lines.append(f"  mtu: {status['mtu']}")
+    if "offloads" in status:
+        lines.append(f"  offloads: {_join(status['offloads']) if status['offloads'] else 'none'}")
     if status.get("role") == "server":
         lines.append(f"  client-to-client: {'yes' if status.get('client_to_client') else 'no'}")
     elif status.get("role") == "client":

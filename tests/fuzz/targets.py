@@ -288,8 +288,8 @@ def _make_server(directory: Path) -> Server:
     server = Server(parse_config(path.read_text(), str(path), role="server", resolve=False),
                     Options(state_dir=directory / "state"))
     server.link = _FakeLink()
-    server.udp = types.SimpleNamespace(port=51820, errors={})
-    server.tun = types.SimpleNamespace(name="tv-office", write_errors=0)
+    server.udp = types.SimpleNamespace(port=51820, errors={}, offloads=["gso", "gro"])
+    server.tun = types.SimpleNamespace(name="tv-office", write_errors=0, vnet_header=True)
     return server
 
 
@@ -338,8 +338,8 @@ def _make_client() -> Client:
             f"[Peer]\nPublicKey = {encode_key(SERVER_PUBLIC)}\nEndpoint = 192.0.2.1:51820\n")
     client = Client(parse_config(text, "/etc/tunvpn/office.conf", role="client", resolve=False), Options())
     client.link = _FakeLink()
-    client.tun = types.SimpleNamespace(name="tv-office", write_errors=0)
-    client.udp = types.SimpleNamespace(set_fwmark=lambda mark: None, port=0, errors={})
+    client.tun = types.SimpleNamespace(name="tv-office", write_errors=0, vnet_header=True)
+    client.udp = types.SimpleNamespace(set_fwmark=lambda mark: None, port=0, errors={}, offloads=["gso", "gro"])
     client.cleanup = ExitStack()
     return client
 
