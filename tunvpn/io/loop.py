@@ -184,6 +184,9 @@ class EventLoop:
             packets = self.device.receive_datagrams(datagrams, time.monotonic())
             if packets:
                 self.tun.write_batch(packets)
+                # What the kernel answered while taking them (TCP acknowledgements, a ping's
+                # echo) is usually queued already: send it in this turn, not after another wait.
+                self._on_tun()
 
     def flush(self) -> None:
         """Hand the core's events on (their handlers may queue more), then send what it queued."""

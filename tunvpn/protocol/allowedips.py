@@ -9,6 +9,10 @@ Each owner also has the list of its own prefixes (as wireguard-go keeps one
 per peer), so listing or removing one peer's prefixes costs what that peer
 has, not what the whole table holds: a server with thousands of peers
 reloads and reports without scanning every prefix per peer.
+
+The answers for recently seen addresses are memoized per family (a packet
+stream has few distinct addresses), and the memo is dropped whenever the
+table changes, so a cached answer is never stale.
 """
 
 from __future__ import annotations
@@ -18,19 +22,24 @@ from typing import Generic, TypeVar
 
 Owner = TypeVar("Owner")
 
+_MEMO_MAX = 4096  # addresses remembered per family; spoofed floods only make it start over
+_UNKNOWN = object()
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class _Family(Generic[Owner]):
-    __slots__ = ("bits", "tables", "lengths", "owned")
+    __slots__ = ("bits", "tables", "lengths", "owned", "memo")
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
+        self.memo: dict[bytes, Owner | None] = {}  # packed address -> lookup's answer
         self.tables: dict[int, dict[int, Owner]] = {}  # prefix length -> masked network >> host bits -> owner
         self.lengths: tuple[int, ...] = ()  # longest first
         self.owned: dict[Owner, set[tuple[int, int]]] = {}  # owner -> its (prefix length, key) entries
 
     def insert(self, network: int, prefixlen: int, owner: Owner) -> None:
+        self.memo.clear()
         table = self.tables.get(prefixlen)
         if table is None:
             table = self.tables[prefixlen] = {}
@@ -59,7 +68,17 @@ class _Family(Generic[Owner]):
                 return owner
         return None
 
+    def lookup_packed(self, address: bytes) -> Owner | None:
+        memo = self.memo
+        owner = memo.get(address, _UNKNOWN)
+        if owner is _UNKNOWN:
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            owner = memo[address] = self.lookup(int.from_bytes(address, "big"))
+        return owner  # type: ignore[return-value]
+
     def remove_owner(self, owner: Owner) -> None:
+        self.memo.clear()
         emptied = False
         for prefixlen, key in self.owned.pop(owner, ()):
             table = self.tables[prefixlen]
@@ -96,10 +115,10 @@ class AllowedIPs(Generic[Owner]):
         self._v6.remove_owner(owner)
 
     def lookup_v4(self, address: bytes) -> Owner | None:
-        return self._v4.lookup(int.from_bytes(address, "big"))
+        return self._v4.lookup_packed(address)
 
     def lookup_v6(self, address: bytes) -> Owner | None:
-        return self._v6.lookup(int.from_bytes(address, "big"))
+        return self._v6.lookup_packed(address)
 
     def lookup(self, address: bytes) -> Owner | None:
         """Owner of a 4- or 16-byte packed address."""

@@ -33,6 +33,7 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
     events = state.events
     non_ip_hook = state.non_ip_hook
     senders: list[Peer] | None = None if state.deliver_hook is None else []  # parallel to packets
+    last_receiver = -1  # a train of datagrams is mostly one session's: its lookups are done once
     for data, source in datagrams:
         if source[1] == 0:
             # No reply can reach port 0; taken as an endpoint it would break the peer and
@@ -42,29 +43,38 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
         size = len(data)
         if size < TRANSPORT_MIN_SIZE:
             handshake.receive_handshake_message(state, data, source, now)
+            last_receiver = -1  # a handshake may retire keypairs
             continue
         msg_type, receiver, counter = unpack_header(data)
         if msg_type != MESSAGE_TRANSPORT:
             handshake.receive_handshake_message(state, data, source, now)
+            last_receiver = -1
             continue
-        keypair = index_get(receiver)
-        if keypair.__class__ is not Keypair:  # faster than isinstance, and no subclasses exist
-            dropped["unknown_receiver_index"] += 1
-            continue
-        peer = keypair.peer
-        if not keypair.can_receive(now):
-            peer.dropped["expired_keypair"] += 1
-            continue
-        plaintext = keypair.receiver.open(_ZERO_NONCE_PREFIX + data[8:16], data[TRANSPORT_HEADER_SIZE:])
+        if receiver != last_receiver:
+            keypair = index_get(receiver)
+            if keypair.__class__ is not Keypair:  # faster than isinstance, and no subclasses exist
+                dropped["unknown_receiver_index"] += 1
+                last_receiver = -1
+                continue
+            peer = keypair.peer
+            if not keypair.can_receive(now):  # `now` is one for the batch: so is the answer
+                peer.dropped["expired_keypair"] += 1
+                last_receiver = -1
+                continue
+            open_transport = keypair.receiver.open
+            accept_counter = keypair.replay.accept
+            last_receiver = receiver
+        plaintext = open_transport(_ZERO_NONCE_PREFIX + data[8:16], data[TRANSPORT_HEADER_SIZE:])
         if plaintext is None:
             dropped["bad_transport_tag"] += 1
             continue
         # Only now, with the tag verified, may the counter move the replay window.
-        if not keypair.replay.accept(counter, REJECT_AFTER_MESSAGES):
+        if not accept_counter(counter, REJECT_AFTER_MESSAGES):
             peer.dropped["replayed"] += 1
             continue
         if keypair is not peer.keypairs.current:
             handshake.received_under(state, peer, keypair, now)
+            last_receiver = -1
         if source != peer.endpoint:  # DeviceState.set_endpoint, inlined: this runs per packet
             peer.endpoint = source
             events.append(EndpointChanged(peer.public_key, source))
