@@ -225,3 +225,32 @@ def test_random_prefixes_against_the_brute_force_model(seed: int) -> None:
     for owner in owners:
         assert table.networks_of(owner) == model.networks_of(owner)
     assert peak > 100  # the table really held many prefixes
+
+
+def test_remembered_answers_follow_every_change_of_the_table():
+    table: AllowedIPs[str] = AllowedIPs()
+    address = ipaddress.ip_address("198.51.100.7").packed
+    assert table.lookup(address) is None
+    table.insert("198.51.100.0/24", "wide")
+    assert table.lookup(address) == "wide"
+    table.insert("198.51.100.7/32", "narrow")
+    assert table.lookup(address) == "narrow"
+    table.insert("198.51.100.7/32", "other")  # the same prefix to a new owner
+    assert table.lookup(address) == "other"
+    table.remove_owner("other")
+    assert table.lookup(address) == "wide"
+    table.remove_owner("wide")
+    assert table.lookup(address) is None
+    v6 = ipaddress.ip_address("2001:db8::1").packed
+    assert table.lookup(v6) is None
+    table.insert("2001:db8::/32", "six")
+    assert table.lookup(v6) == "six"
+
+
+def test_many_distinct_addresses_neither_grow_the_memory_nor_change_answers():
+    table: AllowedIPs[str] = AllowedIPs()
+    table.insert("10.0.0.0/8", "ten")
+    for value in range(10_000):
+        assert table.lookup((0x0A000000 + value).to_bytes(4, "big")) == "ten"
+        assert table.lookup((0x0B000000 + value).to_bytes(4, "big")) is None
+    assert len(table._v4.memo) <= 4096
