@@ -102,7 +102,6 @@ class TunDevice:
         self._fd: int | None = fd
         self.vnet_header = vnet_header
         self.write_errors = 0
-        self.writes = 0  # write calls, fewer than packets when bursts are merged
 
     def __repr__(self) -> str:
         state = "closed" if self._fd is None else f"fd={self._fd}"
@@ -160,7 +159,6 @@ class TunDevice:
                 self.write_errors += 1
             else:
                 written += _packets_in(vector)
-        self.writes += len(vectors)
         return written
 
     def close(self) -> None:

@@ -218,7 +218,6 @@ class UdpTransport:
         self._v4 = self._v6 = None
 
 
-
 def _run_end(datagrams: Sequence[tuple[bytes, tuple]], start: int) -> int:
     """Where a run of datagrams one GSO send can carry ends: one address, one size (the last
     may be shorter), within the kernel's limits of segments and bytes."""
