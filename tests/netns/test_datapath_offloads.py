@@ -14,28 +14,16 @@ import pytest
 
 from netlab import Host, Lab, transfer
 from stockwg import genkey, pubkey
+from test_tunnel import UNDERLAY, server_config
 from tunvpnd import Tunvpn
 
 MB = 1024 * 1024
 SEGMENT = 1368  # the TCP payload of one 1420-byte tunnel packet with timestamps
 LAN_HOST = "198.51.100.2"
-UNDERLAY = {"ipv4": ("192.0.2.1/24", "192.0.2.2/24", "192.0.2.1"),
-            "ipv6": ("2001:db8:1::1/64", "2001:db8:1::2/64", "[2001:db8:1::1]")}
-
-
-def server_config(key: str, client_pub: str) -> str:
-    return f"""[Interface]
-PrivateKey = {key}
-ListenPort = 51820
-Address = 203.0.113.1/24, 2001:db8:100::1/64
-
-[Peer]
-PublicKey = {client_pub}
-AllowedIPs = 203.0.113.2/32, 2001:db8:100::2/128
-"""
 
 
 def client_config(key: str, server_pub: str, endpoint: str) -> str:
+    """test_tunnel's client, with the LAN behind the server routed into the tunnel too."""
     return f"""[Interface]
 PrivateKey = {key}
 Address = 203.0.113.2/24, 2001:db8:100::2/64
