@@ -347,7 +347,7 @@ def fastd_keys() -> tuple[str, str]:
 
 def fastd_config(secret: str, bind: str, peer_key: str, peer_remote: str | None) -> str:
     remote = f" remote {peer_remote}:{VPN_PORT};" if peer_remote else ""
-    return (f'log level warn;\nmode tun;\ninterface "fastd0";\nmethod "salsa2012+umac";\n'
+    return (f'log level info;\nmode tun;\ninterface "fastd0";\nmethod "salsa2012+umac";\n'
             f'bind {bind}:{VPN_PORT};\nmtu {TUNNEL_MTU};\nsecret "{secret}";\n'
             f'peer "other" {{ key "{peer_key}";{remote} }}\n')
 
@@ -363,15 +363,16 @@ def setup_fastd(lab: Lab) -> System:
     configs = {"server": fastd_config(server_secret, SERVER_UNDERLAY, client_public, None),
                "client": fastd_config(client_secret, CLIENT_UNDERLAY, server_public, SERVER_UNDERLAY)}
     ends = ((server_host, "server", SERVER_TUNNEL), (client_host, "client", CLIENT_TUNNEL))
-    for host, role, _ in ends:
-        config = secret_file(directory, f"{role}.conf", configs[role])
-        with open(directory / f"{role}.log", "ab") as log:
-            host.popen(["fastd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
 
     def logs() -> str:
         return "\n".join(f"--- fastd {role} ---\n{tail(directory / f'{role}.log')}" for _, role, _ in ends)
 
+    # The server first, up and bound before the client's first handshake: fastd waits long
+    # before it retries a lost one, longer than the setup's timeout.
     for host, role, address in ends:
+        config = secret_file(directory, f"{role}.conf", configs[role])
+        with open(directory / f"{role}.log", "ab") as log:
+            host.popen(["fastd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until(lambda host=host: link_exists(host, "fastd0"), START_TIMEOUT, interval=0.05,
                        what=f"fastd's interface on the {role}")
