@@ -17,6 +17,7 @@ from tunvpn.protocol.cookie import (
     COOKIE_SECRET_LIFETIME,
     CookieChecker,
     CookieJar,
+    CookieReplyBudget,
     LoadMonitor,
     RateLimiter,
     source_bytes,
@@ -359,3 +360,33 @@ def test_active_sources_survive_the_flood_longest() -> None:
         limiter.allow(_flood_source(i), 0.0)
     assert not limiter.allow(SOURCE, 0.0)  # still tracked, still out of tokens
     assert len(limiter) == RateLimiter.MAX_ENTRIES
+
+
+# --- cookie-reply budget ------------------------------------------------------------------
+
+
+def test_cookie_replies_per_source_burst_then_two_a_second() -> None:
+    budget = CookieReplyBudget()
+    assert [budget.allow(SOURCE, 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert budget.allow(OTHER_SOURCE, 0.0)  # another address has its own budget
+    allowed = sum(budget.allow(source_bytes(("192.0.2.10", 1024 + i % 4096)), 1.0 + i * 0.0001)
+                  for i in range(100_000))  # 10k a second for 10 s, from thousands of ports
+    assert 2 * 10 - 1 <= allowed <= 2 * 10 + 1
+
+
+def test_cookie_replies_are_capped_for_all_sources_together() -> None:
+    budget = CookieReplyBudget()
+    sources = [_flood_source(i) for i in range(3000)]
+    assert sum(budget.allow(source, 0.0) for source in sources) == CookieReplyBudget.GLOBAL_BURST
+    allowed = sum(budget.allow(sources[i % 3000], 10.0 + i / 10_000) for i in range(20_000))  # 2 s
+    assert allowed <= CookieReplyBudget.GLOBAL_BURST + 2 * CookieReplyBudget.GLOBAL_RATE + 1
+    assert len(budget) <= RateLimiter.MAX_ENTRIES
+
+
+def test_an_all_zero_mac2_is_never_valid_and_the_cookie_memo_stays_bounded() -> None:
+    checker = CookieChecker(StaticKey(os.urandom(32)).public, RecordingRandom())
+    body = bytes(INITIATION_MAC1_OFFSET)
+    assert not checker.mac2_valid(body + bytes(32), INITIATION_MAC1_OFFSET, SOURCE, 0.0)
+    for i in range(10_000):
+        checker.mac2_valid(body + bytes(16) + b"\x01" * 16, INITIATION_MAC1_OFFSET, _flood_source(i), 0.0)
+    assert len(checker._cookies) <= 4096

@@ -15,8 +15,8 @@ from typing import Callable
 
 import pytest
 
-from corepair import LOW_ORDER_POINTS, CorePair, Datagram, Host, a_to_b_v4, established
-from tunvpn.protocol.cookie import LABEL_MAC1
+from corepair import LOW_ORDER_POINTS, CorePair, Datagram, Host, a_to_b_v4, established, private_key
+from tunvpn.protocol.cookie import LABEL_MAC1, CookieReplyBudget
 from tunvpn.protocol.device import DEFAULT_LOAD_THRESHOLD
 from tunvpn.protocol.crypto import StaticKey, aead_encrypt, hash_, kdf1, kdf2, mac
 from tunvpn.protocol.messages import (
@@ -289,9 +289,13 @@ def test_random_datagrams_are_all_refused_and_counted(under_load):
         assert snapshot(target) == before_state, data.hex()
         count += 1
     assert count == 1500
-    # 300 of them carry a valid mac1: all earn cookies when forced under load; otherwise the
+    # 300 of them carry a valid mac1: all are cookie-worthy when forced under load; otherwise the
     # flood itself puts the device under load once more than DEFAULT_LOAD_THRESHOLD arrive in 1 s.
-    assert drops(target)["cookie_reply_sent"] == (300 if under_load else 300 - DEFAULT_LOAD_THRESHOLD)
+    # One source at one instant gets its burst of cookie replies; the rest are dropped unanswered.
+    worthy = 300 if under_load else 300 - DEFAULT_LOAD_THRESHOLD
+    burst = int(CookieReplyBudget.PER_SOURCE_BURST)
+    assert drops(target)["cookie_reply_sent"] == burst
+    assert drops(target)["cookie_reply_rate_limited"] == worthy - burst
     assert len(target.device._state.rate_limiter) == 0
 
 
@@ -319,3 +323,47 @@ def test_a_genuine_message_from_source_port_zero_is_dropped_before_it_can_move_t
                    source=("2001:db8::66", 0, 0, 0))
     scenario.pair.deliver([scenario.genuine])  # the same datagram from its real port still works
     assert scenario.accepted()
+
+
+def test_a_valid_mac1_flood_earns_few_cookies_while_a_new_client_connects_and_a_session_flows():
+    """The flood that starved the server of time: random initiations with a valid mac1 from
+    4096 ports of one host.  It gets its cookie-reply budget and nothing else, an established
+    session keeps carrying data, and a new client gets its cookie and connects on its retry."""
+    pair = established(CorePair())
+    server = pair.b
+    newcomer = pair.add_host("c", private_key(7), ("198.51.100.7", 51820), seed=7)
+    newcomer.device.set_peer(server.device.public_key, endpoint=server.address)
+    server.device.set_peer(newcomer.device.public_key, allowed_ips=["203.0.113.7/32"])
+    rng = random.Random(12)
+    flood_sent = 0
+
+    def flood(count: int) -> list[bytes]:
+        nonlocal flood_sent
+        batch = [(with_mac1(b"\x01\0\0\0" + rng.randbytes(INITIATION_SIZE - 4), server.device.public_key),
+                  ("192.0.2.66", 1024 + (flood_sent + i) % 4096)) for i in range(count)]
+        flood_sent += count
+        server.device.receive_datagrams(batch, pair.now)
+        return [data for data, destination in server.device.datagrams_to_send() if destination[0] == "192.0.2.66"]
+
+    answers = flood(2000)  # 2000 in one instant: well over the load threshold
+    assert server.device._state.load.under_load(pair.now)
+    newcomer.device.initiate(server.device.public_key, pair.now)
+    pair.flush()  # its initiation, a cookie reply for its own address
+    assert [d.kind for d in pair.wire[-2:]] == ["initiation", "cookie"]
+    for _ in range(60):  # 6 s of flood, 10 batches a second, data from the established session
+        pair.now += 0.1
+        answers += flood(500)
+        pair.send(pair.a, [a_to_b_v4()])
+        pair.advance(pair.now)  # the newcomer's retransmit, with mac2, when it is due
+    assert server.tun.count(a_to_b_v4()) == 60  # not one packet of the session lost
+    assert pair.peer(newcomer, server).keypairs.current is not None
+    assert pair.peer(server, newcomer).keypairs.current is not None
+    dropped = server.device.drops()
+    burst, rate = CookieReplyBudget.PER_SOURCE_BURST, CookieReplyBudget.PER_SOURCE_RATE
+    assert len(answers) <= burst + rate * 6.0 + 1  # the flooder's cookie replies: its budget
+    assert all(len(data) == COOKIE_REPLY_SIZE for data in answers)
+    assert dropped["cookie_reply_sent"] == len(answers) + 1  # and the newcomer's one
+    refused = dropped["cookie_reply_rate_limited"] + dropped["handshake_rejected"]
+    assert refused + len(answers) == flood_sent  # the first ones cost a DH before the load began
+    assert dropped["handshake_rejected"] <= DEFAULT_LOAD_THRESHOLD
+    assert len(server.device._state.index_table) == 2  # the two sessions: the flood took no index

@@ -1,9 +1,12 @@
-"""MAC1/MAC2, cookie replies, the under-load rule and the per-source rate limit.
+"""MAC1/MAC2, cookie replies, the under-load rule and the per-source rate limits.
 
 mac1 proves the sender knows our public key, which makes us answer at all.
 Under load, mac2 must also be valid: it is keyed by a cookie we handed to
 the sender's address, so it proves the sender can receive there.  Messages
-without it get a cookie reply and no further work.
+without it get a cookie reply and no further work, and only as many cookie
+replies as `CookieReplyBudget` allows: one XChaCha20-Poly1305 seal costs
+Python some 35-75 us, so answering every flooded initiation is itself the
+denial of service.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections import OrderedDict, deque
+from functools import lru_cache
 from typing import Callable
 
 from .crypto import MAC_SIZE, XNONCE_SIZE, CryptoError, hash_, mac, xaead_decrypt, xaead_encrypt
@@ -23,12 +27,18 @@ COOKIE_SECRET_LIFETIME = 120.0  # the replier rotates its secret this often
 COOKIE_LIFETIME = 120.0  # the sender uses a cookie for this long
 
 _ZERO_MAC = bytes(MAC_SIZE)
+_COOKIE_MEMO_SIZE = 4096  # per-source cookies kept until the secret turns: one MAC saved per message
+
+
+@lru_cache(maxsize=4096)
+def _packed_host(host: str) -> bytes:
+    """Parsing with ipaddress costs ~5 us, more than mac1: a flood repeats its few hosts."""
+    return ipaddress.ip_address(host.split("%", 1)[0]).packed
 
 
 def source_bytes(address: tuple) -> bytes:
     """The address a cookie is bound to: packed IP || port (big-endian)."""
-    host, port = address[0], address[1]
-    return ipaddress.ip_address(host.split("%", 1)[0]).packed + port.to_bytes(2, "big")
+    return _packed_host(address[0]) + address[1].to_bytes(2, "big")
 
 
 class CookieChecker:
@@ -40,6 +50,7 @@ class CookieChecker:
         self._random_bytes = random_bytes
         self._secret = b""
         self._secret_born = float("-inf")
+        self._cookies: dict[bytes, bytes] = {}  # source -> cookie under the current secret
 
     def mac1_valid(self, msg: bytes, mac1_offset: int) -> bool:
         # Constant-time compares (as wireguard-go's hmac.Equal): no timing oracle for forging MACs.
@@ -47,15 +58,25 @@ class CookieChecker:
         return hmac.compare_digest(expected, msg[mac1_offset : mac1_offset + MAC_SIZE])
 
     def _cookie(self, source: bytes, now: float) -> bytes:
+        cookies = self._cookies
         if now - self._secret_born >= COOKIE_SECRET_LIFETIME:
             self._secret = self._random_bytes(32)
             self._secret_born = now
-        return mac(self._secret, source)
+            cookies.clear()
+        cookie = cookies.get(source)
+        if cookie is None:
+            if len(cookies) >= _COOKIE_MEMO_SIZE:
+                cookies.clear()
+            cookie = cookies[source] = mac(self._secret, source)
+        return cookie
 
     def mac2_valid(self, msg: bytes, mac1_offset: int, source: bytes, now: float) -> bool:
         mac2_offset = mac1_offset + MAC_SIZE
+        received = msg[mac2_offset : mac2_offset + MAC_SIZE]
+        if received == _ZERO_MAC:  # "I hold no cookie": no MAC of ours is all zeros but by chance
+            return False
         expected = mac(self._cookie(source, now), msg[:mac2_offset])
-        return hmac.compare_digest(expected, msg[mac2_offset : mac2_offset + MAC_SIZE])
+        return hmac.compare_digest(expected, received)
 
     def create_reply(self, msg: bytes, sender_index: int, mac1_offset: int, source: bytes, now: float) -> bytes:
         """The cookie reply to a handshake message that arrived while we were under load."""
@@ -143,18 +164,21 @@ class LoadMonitor:
 
 
 class RateLimiter:
-    """Token bucket per source IP for handshakes that passed mac2 under load.
+    """Token bucket per source IP: for handshakes that passed mac2 under load
+    (20 a second, as wireguard-go), and for the cookie replies we make.
 
-    A source only gets an entry after proving it receives at its address,
-    and the table is capped, so the memory it takes stays bounded.  IPv6
-    sources are grouped by /64, since one host usually owns a whole /64.
+    The table is capped and evicts the source seen least recently, so the
+    memory it takes stays bounded and an exhausted flooder stays exhausted.
+    IPv6 sources are grouped by /64, since one host usually owns a whole /64.
     """
 
     RATE = 20.0  # handshakes per second per source
     BURST = 5.0
     MAX_ENTRIES = 8192
 
-    def __init__(self) -> None:
+    def __init__(self, rate: float = RATE, burst: float = BURST) -> None:
+        self._rate = rate
+        self._burst = burst
         self._buckets: OrderedDict[bytes, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -166,13 +190,49 @@ class RateLimiter:
         if bucket is None:
             if len(self._buckets) >= self.MAX_ENTRIES:
                 self._buckets.popitem(last=False)
-            self._buckets[key] = [self.BURST - 1.0, now]
+            self._buckets[key] = [self._burst - 1.0, now]
             return True
         self._buckets.move_to_end(key)
-        tokens = min(self.BURST, bucket[0] + (now - bucket[1]) * self.RATE)
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
             return False
         bucket[0] = tokens - 1.0
+        return True
+
+
+class CookieReplyBudget:
+    """How many cookie replies we make: a few a second per source IP, and a cap for all.
+
+    A legitimate sender needs one reply per handshake attempt (one per REKEY_TIMEOUT, 5 s);
+    a flooder from one host gets its burst and then a reply every half second, and one from
+    many hosts shares the global cap, so cookie replies never take more than a small share
+    of the loop (~1000 x 35-75 us a second).  A message over budget is dropped, which a
+    WireGuard sender takes as a lost datagram: it retries.  wireguard-go needs no such
+    budget: its bounded handshake queue drops the excess before any work.
+    """
+
+    PER_SOURCE_RATE = 2.0  # replies per second per source IP (per /64 for IPv6)
+    PER_SOURCE_BURST = 5.0
+    GLOBAL_RATE = 1000.0
+    GLOBAL_BURST = 1000.0
+
+    def __init__(self) -> None:
+        self._per_source = RateLimiter(self.PER_SOURCE_RATE, self.PER_SOURCE_BURST)
+        self._tokens = self.GLOBAL_BURST
+        self._at = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._per_source)
+
+    def allow(self, source: bytes, now: float) -> bool:
+        if not self._per_source.allow(source, now):
+            return False
+        tokens = min(self.GLOBAL_BURST, self._tokens + (now - self._at) * self.GLOBAL_RATE)
+        self._at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
         return True

@@ -287,8 +287,9 @@ class Device:
     # --- for tests ----------------------------------------------------------------------------------
 
     def state_digest(self) -> tuple:
-        """Everything incoming data could change, drop counters aside, as one comparable value:
-        the hostile-input tests prove a refused message left it as it was."""
+        """Everything incoming data could change, drop counters and the cookie-reply budget aside
+        (a capped table of rates), as one comparable value: the hostile-input tests prove a
+        refused message left it as it was."""
         state = self._state
         return (
             dict(state.index_table.items()), len(state.rate_limiter),

@@ -12,7 +12,7 @@ from collections import Counter, deque
 from typing import Callable, Iterable
 
 from .allowedips import AllowedIPs
-from .cookie import CookieChecker, LoadMonitor, RateLimiter
+from .cookie import CookieChecker, CookieReplyBudget, LoadMonitor, RateLimiter
 from .crypto import StaticKey
 from .events import Endpoint, EndpointChanged, Event
 from .indextable import IndexTable
@@ -32,7 +32,7 @@ _JITTER_MS = int(REKEY_TIMEOUT_JITTER_MAX * 1000) + 1
 
 class DeviceState:
     __slots__ = (
-        "identity", "mtu", "random_bytes", "cookie_checker", "load", "rate_limiter", "index_table",
+        "identity", "mtu", "random_bytes", "cookie_checker", "load", "rate_limiter", "cookie_budget", "index_table",
         "allowed_ips", "peers", "dropped", "wall_offset", "outgoing", "events", "heap", "heap_seq",
         "non_ip_hook", "deliver_hook",
     )
@@ -44,6 +44,7 @@ class DeviceState:
         self.cookie_checker = CookieChecker(self.identity.public, random_bytes)
         self.load = LoadMonitor(load_threshold)
         self.rate_limiter = RateLimiter()
+        self.cookie_budget = CookieReplyBudget()
         self.index_table: IndexTable[Peer | Keypair] = IndexTable(random_bytes)
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self.peers: dict[bytes, Peer] = {}

@@ -62,7 +62,8 @@ def _check_macs_then(
     mac1_offset: int,
     consume: Callable[[DeviceState, bytes, Endpoint, float], None],
 ) -> None:
-    """mac1, then under load mac2 (or a cookie reply) and the rate limit, then `consume`."""
+    """mac1, then under load mac2 (or a cookie reply, within its budget) and the rate limit,
+    then `consume`: each step is cheaper than the next, and a flood stops at the cheapest."""
     checker = state.cookie_checker
     if not checker.mac1_valid(data, mac1_offset):
         state.dropped["bad_mac1"] += 1
@@ -71,6 +72,9 @@ def _check_macs_then(
     if state.load.under_load(now):
         src = source_bytes(source)
         if not checker.mac2_valid(data, mac1_offset, src, now):
+            if not state.cookie_budget.allow(src, now):
+                state.dropped["cookie_reply_rate_limited"] += 1
+                return
             sender_index = int.from_bytes(data[4:8], "little")
             reply = checker.create_reply(data, sender_index, mac1_offset, src, now)
             state.outgoing.append((reply, source))
