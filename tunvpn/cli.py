@@ -11,6 +11,8 @@ from pathlib import Path
 
 from . import __version__
 from .checkconfig import register_check_config_parser
+from .invite import register_invite_parsers
+from .join import register_join_parser
 from .login import register_login_parser
 from .protocol.device import DEFAULT_LOAD_THRESHOLD
 from .show import register_show_parser
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_check_config_parser(sub)
     register_login_parser(sub)
     register_totp_secret_parser(sub)
+    register_invite_parsers(sub)
+    register_join_parser(sub)
     return parser
 
 

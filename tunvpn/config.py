@@ -106,6 +106,7 @@ class PeerConfig:
     totp_secret_file: str | None = None  # server: where its secret is (TOTPSecretFile, or the default)
     totp_session: int | None = None  # server: seconds a code authorizes it; None: the [Interface]'s
     totp_secret: bytes | None = field(default=None, repr=False)  # read from totp_secret_file at load
+    source: str | None = None  # server: the peers-directory file it came from; None: the main config
 
 
 @dataclass(frozen=True)
@@ -559,6 +560,11 @@ def _parse_duration(value: str, ctx: _Context) -> int:
     return seconds
 
 
+def parse_duration(text: str) -> int:
+    """A duration as config files write it (for command-line options): ValueError saying why not."""
+    return _parse_duration(text, None)  # type: ignore[arg-type]  # it reads no context
+
+
 def _parse_path(value: str, ctx: _Context) -> str:
     if not value or "\0" in value:
         raise ValueError("not a file name")
@@ -572,6 +578,11 @@ def default_totp_secret_file(config_dir: str, name: str, public_key: bytes) -> s
 
 
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+
+def is_peer_name(text: object) -> bool:
+    """A [Peer]'s Name: also the file name of an enrolled peer, so nothing path-like passes."""
+    return isinstance(text, str) and _PEER_NAME.fullmatch(text) is not None
 
 
 def _parse_name(value: str, ctx: _Context) -> str:
@@ -1260,6 +1271,12 @@ def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True,
     Without `totp_secrets` the TOTP secret files are located but not read."""
     path = os.fspath(path)
     identity = identity or running_identity()
+    text, status = _read_config_file(path, identity)
+    return _parse(text, path, role, resolve, identity, secrets_refused=_secret_mode_problem(status, path, identity),
+                  totp_secrets=totp_secrets)
+
+
+def _read_config_file(path: str, identity: Identity) -> tuple[str, os.stat_result]:
     try:
         with open(path, "rb") as file:
             status = os.fstat(file.fileno())  # of the target when path is a symlink
@@ -1272,11 +1289,29 @@ def load_config(path: str | os.PathLike[str], role: str, resolve: bool = True,
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, 0, None, f"larger than {MAX_CONFIG_BYTES} bytes; not a config file")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8"), status
     except UnicodeDecodeError as exc:
         raise ConfigError(path, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text") from None
-    return _parse(text, path, role, resolve, identity, secrets_refused=_secret_mode_problem(status, path, identity),
-                  totp_secrets=totp_secrets)
+
+
+def load_peer_file(path: str | os.PathLike[str], identity: Identity | None = None) -> list[PeerConfig]:
+    """A server's file of [Peer] sections only (an enrolled peer in its peers directory), read with
+    the config file's rules: the same keys, owner and mode checks, errors naming file and line."""
+    path = os.fspath(path)
+    identity = identity or running_identity()
+    text, status = _read_config_file(path, identity)
+    ctx = _Context(path, Path(path).stem, "server", os.path.dirname(path), identity,
+                   _secret_mode_problem(status, path, identity))
+    sections = _read_sections(text.removeprefix("\ufeff"), ctx)
+    for section in sections:
+        if section.spec is not PEER:
+            raise ConfigError(path, section.line, None, "a peer file holds [Peer] sections only")
+    errors: list[ConfigError] = []
+    peers = [_collecting(errors, _build_peer, section, ctx) for section in sections]
+    _raise_any(errors)
+    _collecting(errors, _check_overlaps, sections, ctx)
+    _raise_any(errors)
+    return [replace(peer, source=path) for peer in peers if peer is not None]
 
 
 def guess_role(text: str) -> str:

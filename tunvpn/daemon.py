@@ -346,9 +346,12 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: read and resolve the config file beside the loop, then apply it on the loop."""
-        path, role = self.config.path, self.role
-        self.resolver.submit(f"reloading {path}", lambda: load_config(path, role=role), self._apply_loaded_config,
+        self.resolver.submit(f"reloading {self.config.path}", self.load_config_file, self._apply_loaded_config,
                              key="reload")
+
+    def load_config_file(self) -> Config:
+        """Read the config again (beside the loop: it resolves names and reads key files)."""
+        return load_config(self.config.path, role=self.role)
 
     def _apply_loaded_config(self, new: Config | None, error: BaseException | None) -> None:
         """A broken file is logged and the running config stays."""

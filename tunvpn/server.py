@@ -1,19 +1,25 @@
 """`tunvpn server`: one tun for all clients, an address pool, pushed config, saved endpoints,
-and a second factor for the peers that need one."""
+a second factor for the peers that need one, and invites that enroll new peers."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
+import math
 import time
 from pathlib import Path
 
-from .config import Config, server_subnets
+from .config import Config, PeerConfig, is_peer_name, load_config, server_subnets
 from .daemon import Daemon, IPNetwork, Options, PeerLogLimit, refused_note, short_key
 from .gate import PeerGate
+from .invites import (DEFAULT_LIFETIME, MAX_LIFETIME, MAX_OPEN_INVITES, MAX_USES, EnrollmentLimit, Invite,
+                      load_invites, save_invites)
+from .keys import InvalidKey, decode_key, encode_key
+from .peersdir import load_enrolled, peer_file, peer_text, peers_directory, remove_peer_file, with_enrolled, write_peer_file
 from .pool import AddressPool, Lease, PoolExhausted
 from .protocol import control
-from .protocol.control import AuthMethod, AuthState
+from .protocol.control import AuthMethod, AuthState, EnrollState
 from .protocol.device import ControlReceived, Device, EndpointChanged, Event, HandshakeCompleted
 from .secondfactor import HOLD_REASON, SecondFactor, TotpPeer, Verdict
 from .state import State, StateStore, endpoint_from_text, endpoint_to_text
@@ -23,6 +29,7 @@ log = logging.getLogger("tunvpn")
 STATE_SAVE_DELAY = 1.0  # endpoints change in bursts when clients roam: save at most this often
 STATE_RETRY_DELAY = 5.0  # a save that failed (disk full, read-only) is tried again this often until it works
 REQUESTS_PER_PEER_INTERVAL = 0.2  # a peer asking more often than this is ignored (and counted)
+INVITE_HOLD = "invite_peer"  # the drop reason of an invite's packets: it may enroll and nothing else
 
 
 class Server(Daemon):
@@ -30,6 +37,8 @@ class Server(Daemon):
 
     def __init__(self, config: Config, options: Options) -> None:
         super().__init__(config, options)
+        self.peers_dir = peers_directory(self.state_directory)
+        config = self.config = _with_enrolled_peers(config, self.peers_dir)
         self.store = StateStore(self.state_directory)
         self.state = self.store.load()
         for problem in self.store.problems:
@@ -46,6 +55,11 @@ class Server(Daemon):
         self._held_log = PeerLogLimit(burst=1, window=3600.0)  # a stock peer rekeys every 2 minutes
         self._sync_peers(config.peers, endpoints=True)
         self._sync_second_factor()
+        self.invites: dict[bytes, Invite] = {}
+        self._enrolling: set[bytes] = set()  # invites whose new peer is being written to disk
+        self.enroll_limit = EnrollmentLimit()
+        self._invites_save_failing = False
+        self._load_invites()
 
     @property
     def state_directory(self) -> Path:
@@ -182,7 +196,7 @@ class Server(Daemon):
     def handle_event(self, event: Event, now: float) -> None:
         if isinstance(event, ControlReceived):
             self._handle_control(event.public_key, event.payload, now)
-        elif isinstance(event, EndpointChanged):
+        elif isinstance(event, EndpointChanged) and event.public_key in self._configured:
             self.state.endpoints[event.public_key] = endpoint_to_text(event.endpoint)
             self._schedule_save(now + STATE_SAVE_DELAY)
         elif isinstance(event, HandshakeCompleted) and self.gate.is_held(event.public_key, HOLD_REASON):
@@ -193,9 +207,10 @@ class Server(Daemon):
 
     def tick(self, now: float) -> float | None:
         expiry = self._end_sessions(now)
+        invites_end = self._end_invites(now)
         if self._save_at is not None and now >= self._save_at:
             self._save()
-        return min((d for d in (self._save_at, expiry) if d is not None), default=None)
+        return min((d for d in (self._save_at, expiry, invites_end) if d is not None), default=None)
 
     def say_goodbye(self, now: float) -> None:
         goodbye = control.encode(control.Goodbye("server shutting down"))
@@ -211,9 +226,24 @@ class Server(Daemon):
 
     def status_extra(self) -> dict:
         pool = {str(version): {"size": size, "leased": leased} for version, (size, leased) in self.pool.usage().items()}
-        return {"client_to_client": bool(self.config.interface.client_to_client), "pushed": None, "pool": pool}
+        return {"client_to_client": bool(self.config.interface.client_to_client), "pushed": None, "pool": pool,
+                "invites": [_invite_status(invite) for invite in self.invites.values()],
+                "enrolled": sorted(peer.name for peer in self.config.peers if peer.source is not None)}
+
+    def handle_request(self, request: dict) -> dict:
+        command = request.get("command")
+        handler = {"invite": self._create_invite, "add-peer": self._add_stock_peer, "revoke": self._revoke,
+                   "peers": lambda _: self._list_peers()}.get(command) if isinstance(command, str) else None
+        return handler(request) if handler else super().handle_request(request)
+
+    def load_config_file(self) -> Config:
+        """On reload, beside the loop: the main config plus the peers directory, as at start."""
+        return _with_enrolled_peers(load_config(self.config.path, role=self.role), self.peers_dir)
 
     def peer_status_extra(self, public_key: bytes) -> dict:
+        invite = self.invites.get(public_key)
+        if invite is not None:
+            return {"tunvpn": False, "second_factor": None, "invite": _invite_status(invite)}
         second_factor = None
         if self.second_factor.required(public_key):
             until = self.second_factor.authorized_until(public_key, self.wall_clock())
@@ -317,7 +347,9 @@ class Server(Daemon):
             if self.peer_log.allow(public_key, "bad control message", now):
                 log.debug("peer %s: bad control message: %s", short_key(public_key), exc)
             return
-        if message is None:
+        if public_key in self.invites:
+            self._invite_control(public_key, message, now)
+        elif message is None:
             self.device.count_drop(public_key, "ignored_control_message")
         elif isinstance(message, control.ConfigRequest):
             last = self._last_request.get(public_key)
@@ -363,9 +395,243 @@ class Server(Daemon):
             keepalive=interface.push_keepalive,
         )
 
+    # --- invites and enrolled peers ----------------------------------------------------------
+
+    def _load_invites(self) -> None:
+        invites, problems = load_invites(self.state_directory)
+        for problem in problems:
+            log.warning("invites: %s", problem)
+        wall = int(self.wall_clock())
+        for invite in invites.values():
+            if invite.ends > wall and invite.public_key not in self._configured:
+                self.invites[invite.public_key] = invite
+                self._install_invite(invite)
+        if len(self.invites) != len(invites):
+            self._save_invites()
+
+    def _install_invite(self, invite: Invite) -> None:
+        """An invite is a peer without allowed IPs, held to control messages: it can only enroll."""
+        self.device.set_peer(invite.public_key, preshared_key=invite.preshared_key, allowed_ips=())
+        self.gate.hold(invite.public_key, INVITE_HOLD)
+
+    def _drop_invite(self, public_key: bytes, why: str) -> None:
+        invite = self.invites.pop(public_key)
+        self.device.remove_peer(public_key)
+        self.gate.forget(public_key)
+        self._save_invites()
+        self.status_changed()
+        log.info("invite %s: %s (%d of %d use(s) spent)", invite.name, why, len(invite.enrolled), invite.uses)
+
+    def _end_invites(self, now: float) -> float | None:
+        """Forget the invites that expired or were used up; the monotonic time of the next end."""
+        wall = int(self.wall_clock())
+        for invite in [invite for invite in self.invites.values() if invite.ends <= wall]:
+            self._drop_invite(invite.public_key, "used up" if invite.uses_left == 0 else "expired")
+        ends = min((invite.ends for invite in self.invites.values()), default=None)
+        return None if ends is None else now + max(0.0, ends - self.wall_clock())
+
+    def _save_invites(self) -> None:
+        snapshot, directory = dict(self.invites), self.state_directory
+        self.system.submit("saving invites", lambda: save_invites(directory, snapshot), self._invites_saved,
+                           key="invites")
+
+    def _invites_saved(self, _: object, error: BaseException | None) -> None:
+        if isinstance(error, OSError):
+            log.error("cannot save the invites in %s: %s; a restart would lose the changes since the last save",
+                      self.state_directory, error.strerror or error)
+        elif error is not None:
+            raise error
+
+    def _name_taken(self, name: str) -> bool:
+        return any(peer.name == name for peer in self.config.peers) or any(
+            invite.peer_name(index) == name for invite in self.invites.values() for index in range(invite.uses))
+
+    def _key_taken(self, public_key: bytes) -> bool:
+        return public_key in self._configured or public_key in self.invites or public_key == self.device.public_key
+
+    def _create_invite(self, request: dict) -> dict:
+        """`tunvpn invite`: the CLI made the key pair and sends the public key and PSK only."""
+        try:
+            name = _checked_name(request.get("name"))
+            public_key = decode_key(str(request.get("public_key")))
+            preshared_key = decode_key(str(request.get("preshared_key")))
+            lifetime, uses = int(request.get("lifetime", DEFAULT_LIFETIME)), int(request.get("uses", 1))
+        except (InvalidKey, TypeError, ValueError, OverflowError) as exc:
+            return {"error": f"bad invite request: {exc}"}
+        if not 60 <= lifetime <= MAX_LIFETIME or not 1 <= uses <= MAX_USES:
+            return {"error": f"an invite lasts 60 to {MAX_LIFETIME} s and has 1 to {MAX_USES} uses"}
+        if len(self.invites) >= MAX_OPEN_INVITES:
+            return {"error": f"{MAX_OPEN_INVITES} invites are open already; revoke some (tunvpn peers lists them)"}
+        if self._name_taken(name) or self._key_taken(public_key):
+            return {"error": f"a peer or invite named {name} (or with that key) exists already; choose another --name"}
+        wall = int(self.wall_clock())
+        invite = self.invites[public_key] = Invite(public_key, preshared_key, name, wall, wall + lifetime, uses)
+        self._install_invite(invite)
+        self._save_invites()
+        self.status_changed()
+        log.info("invite %s: created for %d use(s), valid until %s (invite key %s)", name, uses,
+                 _utc(invite.expires), short_key(public_key))
+        return {"name": self.config.name, "public_key": encode_key(self.device.public_key),
+                "invite": _invite_status(invite)}
+
+    def _invite_control(self, invite_key: bytes, message, now: float) -> None:
+        if isinstance(message, control.EnrollRequest):
+            self._enroll(invite_key, message, now)
+        elif isinstance(message, control.Goodbye):
+            self.device.drop_sessions(invite_key)
+        else:
+            self.device.count_drop(invite_key, "unexpected_control_message")
+
+    def _enroll(self, invite_key: bytes, request: control.EnrollRequest, now: float) -> None:
+        """An invite's holder asks to make its own key a peer: checked, written, then applied."""
+        invite = self.invites[invite_key]
+
+        def answer(state: EnrollState, **fields) -> None:
+            self.device.send_to_peer(invite_key, [control.encode(control.EnrollAnswer(
+                request.request_id, state, **fields))], now)
+
+        if request.public_key in invite.enrolled:  # a repeat: our answer was lost
+            answer(EnrollState.ACCEPTED, name=invite.peer_name(invite.enrolled.index(request.public_key)))
+            return
+        if invite_key in self._enrolling:
+            self.device.count_drop(invite_key, "enrollment_in_progress")
+            return
+        refusal = ("this invite is used up" if invite.uses_left <= 0 else
+                   "this key is already a peer of the server" if self._key_taken(request.public_key) else None)
+        if refusal is not None:
+            self.device.count_drop(invite_key, "enrollment_refused")
+            if self.peer_log.allow(invite_key, "enrollment refused", now):
+                log.warning("invite %s: enrollment refused: %s", invite.name, refusal)
+            answer(EnrollState.REFUSED, reason=refusal)
+            return
+        wait = self.enroll_limit.take(now)
+        if wait:
+            self.device.count_drop(invite_key, "enrollment_rate_limited")
+            if self.peer_log.allow(invite_key, "enrollment rate limited", now):
+                log.warning("invite %s: enrollment rate limited; the next is taken in %.0f s", invite.name, wait)
+            answer(EnrollState.RATE_LIMITED, seconds=math.ceil(wait))
+            return
+        name = invite.peer_name(len(invite.enrolled))
+        peer = PeerConfig(request.public_key, request.preshared_key, [], None, None, 0, line=2, name=name,
+                          source=str(peer_file(self.peers_dir, name)))
+        self._enrolling.add(invite_key)
+        self._write_peer(peer, f"enrolled with invite {short_key(invite_key)} on {_utc(self.wall_clock())}",
+                         lambda error: self._enrolled(invite_key, request, peer, error))
+
+    def _enrolled(self, invite_key: bytes, request: control.EnrollRequest, peer: PeerConfig,
+                  error: BaseException | None) -> None:
+        now = time.monotonic()
+        self._enrolling.discard(invite_key)
+        invite = self.invites.get(invite_key)
+        if invite is None or error is not None:  # revoked meanwhile, or the disk said no
+            if invite is None:
+                self.system.submit(f"removing {peer.name}", lambda: remove_peer_file(self.peers_dir, peer.name))
+            return
+        self._add_peers([peer], now)
+        self.invites[invite_key] = invite.spent(peer.public_key, int(self.wall_clock()))
+        self._save_invites()
+        log.info("invite %s: enrolled peer %s (%s); %d use(s) left", invite.name, peer.name,
+                 short_key(peer.public_key), self.invites[invite_key].uses_left)
+        self.device.send_to_peer(invite_key, [control.encode(control.EnrollAnswer(
+            request.request_id, EnrollState.ACCEPTED, name=peer.name))], now)
+
+    def _write_peer(self, peer: PeerConfig, note: str, done) -> None:
+        """Write the peer's file beside the loop; `done(error)` runs on the loop after."""
+        text, directory, name = peer_text(peer, note), self.peers_dir, peer.name
+
+        def written(_: object, error: BaseException | None) -> None:
+            if isinstance(error, OSError):
+                log.error("cannot write %s: %s; peer %s not added", directory / f"{name}.conf",
+                          error.strerror or error, name)
+            elif error is not None:
+                raise error
+            done(error)
+
+        self.system.submit(f"writing peer {name}", lambda: write_peer_file(directory, name, text), written)
+
+    def _add_peers(self, peers: list[PeerConfig], now: float) -> None:
+        self._apply_config(dataclasses.replace(self.config, peers=[*self.config.peers, *peers]), now)
+        self.status_changed()
+
+    def _add_stock_peer(self, request: dict) -> dict:
+        """`tunvpn invite --stock`: a peer whose keys the CLI made, with a fixed address from the pool."""
+        try:
+            name = _checked_name(request.get("name"))
+            public_key = decode_key(str(request.get("public_key")))
+            preshared_key = decode_key(str(request.get("preshared_key")))
+        except (InvalidKey, TypeError, ValueError, OverflowError) as exc:
+            return {"error": f"bad request: {exc}"}
+        if self._name_taken(name) or self._key_taken(public_key):
+            return {"error": f"a peer or invite named {name} (or with that key) exists already; choose another --name"}
+        try:
+            lease = self._lease(public_key, list(self.pool.subnets))  # held until the peer is applied
+        except PoolExhausted as exc:
+            return {"error": f"no address to give: {exc}"}
+        allowed = [ipaddress.ip_network(address.ip) for address in lease.addresses]
+        peer = PeerConfig(public_key, preshared_key, allowed, None, None, 0, line=2, name=name,
+                          source=str(peer_file(self.peers_dir, name)))
+        self._write_peer(peer, f"a stock WireGuard peer added by tunvpn invite --stock on {_utc(self.wall_clock())}",
+                         lambda error: self._stock_peer_written(peer, error))
+        interface = self.config.interface
+        return {"name": self.config.name, "public_key": encode_key(self.device.public_key),
+                "addresses": [str(net) for net in allowed],
+                "routes": [str(net) for net in (*self._subnets(), *interface.push_routes)],
+                "dns": [str(a) for a in interface.push_dns], "mtu": interface.mtu,
+                "keepalive": interface.push_keepalive}
+
+    def _stock_peer_written(self, peer: PeerConfig, error: BaseException | None) -> None:
+        if error is not None:
+            self.pool.release(peer.public_key)
+            return
+        self._add_peers([peer], time.monotonic())
+        log.info("peer %s (%s): added as a stock WireGuard peer with %s; its keys were made on this server",
+                 peer.name, short_key(peer.public_key), ", ".join(str(net) for net in peer.allowed_ips))
+
+    def _revoke(self, request: dict) -> dict:
+        """`tunvpn revoke`: an invite, or an enrolled peer (its sessions end now)."""
+        wanted = str(request.get("peer", ""))
+        peer = next((p for p in self.config.peers if wanted in (p.name, encode_key(p.public_key))), None)
+        if peer is None:
+            for invite in self.invites.values():
+                if wanted in (invite.name, encode_key(invite.public_key)):
+                    self._drop_invite(invite.public_key, "revoked")
+                    return {"revoked": "invite", "name": invite.name}
+            return {"error": f"no enrolled peer or invite named {wanted!r} (tunvpn peers lists them)"}
+        if peer.source is None:
+            return {"error": f"{wanted} is a [Peer] of {self.config.path}: remove it there and reload"}
+        self._apply_config(dataclasses.replace(self.config, peers=[p for p in self.config.peers if p is not peer]),
+                           time.monotonic())
+        self.status_changed()
+        log.info("peer %s (%s): revoked; its sessions are cut and it cannot connect again", peer.name,
+                 short_key(peer.public_key))
+        source = Path(peer.source)
+        self.system.submit(f"removing {source}", lambda: remove_peer_file(source.parent, source.stem),
+                           lambda _, error: error and log.error(
+                               "cannot remove %s: %s; remove it by hand, or the peer is back after a restart",
+                               source, getattr(error, "strerror", None) or error))
+        return {"revoked": "peer", "name": peer.name}
+
+    def _list_peers(self) -> dict:
+        enrolled = []
+        for peer in self.config.peers:
+            if peer.source is None:
+                continue
+            stats = self.device.peer_stats(peer.public_key)
+            enrolled.append({"name": peer.name, "public_key": encode_key(peer.public_key),
+                             "kind": "stock" if peer.allowed_ips else "tunvpn", "file": peer.source,
+                             "addresses": [str(a.ip) for a in self._peer_addresses(peer.public_key, peer.allowed_ips)],
+                             "connected": stats.has_session, "latest_handshake": stats.latest_handshake})
+        return {"name": self.config.name, "peers_directory": str(self.peers_dir), "enrolled": enrolled,
+                "invites": [_invite_status(invite) for invite in self.invites.values()]}
+
     # --- reload ---------------------------------------------------------------------------------
 
     def apply_reload(self, new: Config, now: float) -> None:
+        added, removed, changed = self._apply_config(new, now)
+        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
+                 len(changed), refused_note(self.refused))
+
+    def _apply_config(self, new: Config, now: float) -> tuple[list, list, list]:
         """Apply what changed: the device work is O(added + changed + moved peers)."""
         added, removed, changed = self.diff_peers(new)
         old_push = _push_settings(self.config)
@@ -393,11 +659,10 @@ class Server(Daemon):
                 0, AuthMethod.TOTP, AuthState.NOT_REQUIRED))]
             self.device.send_to_peer(public_key, status, now)
         self.set_routes(self._routed_outside_subnets(new.peers))
-        log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
-                 len(changed), refused_note(self.refused))
         settings_changed = _push_settings(new) != old_push
         for public_key in self.tunvpn_peers if settings_changed else self.tunvpn_peers & touched:
             self.device.send_to_peer(public_key, [self._encoded_answer(public_key, 0)], now)
+        return added, removed, changed
 
 
 def _push_settings(config: Config) -> tuple:
@@ -418,3 +683,28 @@ def _policy_defaults(config: Config) -> tuple:
 
 def _describe_lease(lease: Lease) -> str:
     return ", ".join(str(a) for a in (lease.ipv4, lease.ipv6) if a is not None)
+
+
+def _with_enrolled_peers(config: Config, directory: Path) -> Config:
+    enrolled, problems = load_enrolled(directory)
+    merged, clashes = with_enrolled(config, enrolled)
+    for problem in (*problems, *clashes):
+        log.warning("peers directory %s: %s", directory, problem)
+    return merged
+
+
+def _checked_name(value: object) -> str:
+    if not is_peer_name(value):
+        raise ValueError("a name is 1-64 letters, digits and . _ @ + -, starting with a letter or digit")
+    return value
+
+
+def _invite_status(invite: Invite) -> dict:
+    """What `tunvpn show` and `tunvpn peers` say of an invite: never its PSK."""
+    return {"name": invite.name, "public_key": encode_key(invite.public_key), "created": invite.created,
+            "expires": invite.expires, "uses": invite.uses, "uses_left": invite.uses_left,
+            "enrolled": [encode_key(key) for key in invite.enrolled]}
+
+
+def _utc(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))

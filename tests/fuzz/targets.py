@@ -426,7 +426,9 @@ def _control_socket_run() -> Callable[[bytes], None]:
 
 
 def _control_socket_seeds() -> list[bytes]:
-    return [b'{"command": "show"}', b'{"command": "nope"}', b"[]", b'{"command": ["show"]}', b"{" * 100]
+    return [b'{"command": "show"}', b'{"command": "nope"}', b"[]", b'{"command": ["show"]}', b"{" * 100,
+            b'{"command": "invite", "name": "x", "lifetime": 1e999, "uses": [1]}', b'{"command": "peers"}',
+            b'{"command": "revoke", "peer": {"a": 1}}', b'{"command": "add-peer", "name": "../x"}']
 
 
 _HUGE_CHUNK = b"\xfe"  # a chunk starting with this byte is its rest repeated past MAX_REQUEST

@@ -45,6 +45,8 @@ Network = IPv4Network | IPv6Network
 Address = IPv4Address | IPv6Address
 
 _LABEL = re.compile(r"[\w-]+")  # letters and digits (any script), '-' and '_'
+_PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+KEY_BYTES = 32
 
 
 class ControlError(ValueError):
@@ -58,6 +60,8 @@ class MessageType(IntEnum):
     CONFIG_REFUSED = 4
     AUTH_STATUS = 5
     AUTH_CODE = 6
+    ENROLL_REQUEST = 7
+    ENROLL_ANSWER = 8
 
 
 class AttributeType(IntEnum):
@@ -72,6 +76,10 @@ class AttributeType(IntEnum):
     AUTH_STATE = 9
     SECONDS = 10
     CODE = 11
+    PUBLIC_KEY = 12
+    PRESHARED_KEY = 13
+    ENROLL_STATE = 14
+    NAME = 15
 
 
 class AuthMethod(IntEnum):
@@ -86,6 +94,12 @@ class AuthState(IntEnum):
     REFUSED = 2  # the code was wrong or already used
     RATE_LIMITED = 3  # too many guesses; SECONDS: until the next is taken
     NOT_REQUIRED = 4  # this peer needs nothing of the kind
+
+
+class EnrollState(IntEnum):
+    ACCEPTED = 0  # the key is a peer of the server now; NAME: what the server calls it
+    REFUSED = 1  # REASON says why (the invite is used up or expired, the key is taken)
+    RATE_LIMITED = 2  # too many enrollments; SECONDS: until the next is taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +166,28 @@ class AuthCode:
     code: str
 
 
-ControlMessage = ConfigRequest | ConfigPush | ConfigRefused | Goodbye | AuthStatus | AuthCode
+@dataclass(frozen=True, slots=True)
+class EnrollRequest:
+    """Client -> server, from an invite's key only: "make this key a peer"; answered by an
+    EnrollAnswer.  The preshared key is the client's own, for the peer it becomes."""
+
+    request_id: int
+    public_key: bytes
+    preshared_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollAnswer:
+    """Server -> client: the verdict on the EnrollRequest with this id."""
+
+    request_id: int
+    state: EnrollState
+    name: str = ""
+    seconds: int | None = None
+    reason: str = ""
+
+
+ControlMessage = ConfigRequest | ConfigPush | ConfigRefused | Goodbye | AuthStatus | AuthCode | EnrollRequest | EnrollAnswer
 
 _MESSAGE_TYPES = frozenset(MessageType)
 
@@ -168,6 +203,10 @@ _ATTRIBUTE_LIMITS = {
     AttributeType.AUTH_STATE: 1,
     AttributeType.SECONDS: 1,
     AttributeType.CODE: 1,
+    AttributeType.PUBLIC_KEY: 1,
+    AttributeType.PRESHARED_KEY: 1,
+    AttributeType.ENROLL_STATE: 1,
+    AttributeType.NAME: 1,
 }
 _LIMIT_NAMES = {
     AttributeType.ADDRESS: "addresses",
@@ -181,6 +220,10 @@ _LIMIT_NAMES = {
     AttributeType.AUTH_STATE: "AUTH_STATE attributes",
     AttributeType.SECONDS: "SECONDS attributes",
     AttributeType.CODE: "CODE attributes",
+    AttributeType.PUBLIC_KEY: "PUBLIC_KEY attributes",
+    AttributeType.PRESHARED_KEY: "PRESHARED_KEY attributes",
+    AttributeType.ENROLL_STATE: "ENROLL_STATE attributes",
+    AttributeType.NAME: "NAME attributes",
 }
 
 
@@ -233,6 +276,19 @@ def _check_code(code: str) -> bytes:
     if len(encoded) > MAX_CODE_BYTES:
         raise ControlError(f"code is {len(encoded)} bytes > {MAX_CODE_BYTES}")
     return encoded
+
+
+def _check_key(key: bytes, what: str) -> bytes:
+    if len(key) != KEY_BYTES:
+        raise ControlError(f"{what} of {len(key)} bytes (must be {KEY_BYTES})")
+    return key
+
+
+def _check_name(name: str) -> bytes:
+    """Peer names end up in file names and log lines: a config name's characters only."""
+    if not _PEER_NAME.fullmatch(name):
+        raise ControlError("name is not 1-64 letters, digits and . _ @ + -, starting with a letter or digit")
+    return name.encode("ascii")
 
 
 def _check_u8(value: int, what: str) -> None:
@@ -303,6 +359,22 @@ def _auth_code_body(code: AuthCode) -> list[bytes]:
             _attribute(AttributeType.CODE, _check_code(code.code))]
 
 
+def _enroll_request_body(request: EnrollRequest) -> list[bytes]:
+    return [_attribute(AttributeType.PUBLIC_KEY, _check_key(request.public_key, "public key")),
+            _attribute(AttributeType.PRESHARED_KEY, _check_key(request.preshared_key, "preshared key"))]
+
+
+def _enroll_answer_body(answer: EnrollAnswer) -> list[bytes]:
+    parts = [_attribute(AttributeType.ENROLL_STATE, bytes((EnrollState(answer.state),)))]
+    if answer.name:
+        parts.append(_attribute(AttributeType.NAME, _check_name(answer.name)))
+    if answer.seconds is not None:
+        if not 0 <= answer.seconds <= MAX_U32:
+            raise ControlError(f"seconds {answer.seconds} outside 0..{MAX_U32}")
+        parts.append(_attribute(AttributeType.SECONDS, answer.seconds.to_bytes(4, "big")))
+    return parts + _reason_body(answer.reason)
+
+
 def encode(message: ControlMessage) -> bytes:
     """The message's bytes, unpadded; ControlError if it breaks a limit (decode would reject it)."""
     if isinstance(message, ConfigRequest):
@@ -319,6 +391,10 @@ def encode(message: ControlMessage) -> bytes:
         kind, request_id, parts = MessageType.AUTH_STATUS, message.request_id, _auth_status_body(message)
     elif isinstance(message, AuthCode):
         kind, request_id, parts = MessageType.AUTH_CODE, message.request_id, _auth_code_body(message)
+    elif isinstance(message, EnrollRequest):
+        kind, request_id, parts = MessageType.ENROLL_REQUEST, message.request_id, _enroll_request_body(message)
+    elif isinstance(message, EnrollAnswer):
+        kind, request_id, parts = MessageType.ENROLL_ANSWER, message.request_id, _enroll_answer_body(message)
     else:
         raise TypeError(f"not a control message: {message!r}")
     if not 0 <= request_id <= MAX_REQUEST_ID:
@@ -347,6 +423,10 @@ class _Attributes:
     state: AuthState | None = None
     seconds: int | None = None
     code: str | None = None
+    public_key: bytes | None = None
+    preshared_key: bytes | None = None
+    enroll_state: EnrollState | None = None
+    name: str = ""
 
 
 def _split_prefixed(value: bytes, what: str) -> tuple[Address, int]:
@@ -409,8 +489,24 @@ def _store(found: _Attributes, kind: int, value: bytes) -> None:
         except UnicodeDecodeError:
             raise ControlError("code is not ASCII") from None
         _check_code(found.code)
+    elif kind == AttributeType.PUBLIC_KEY:
+        found.public_key = _check_key(value, "PUBLIC_KEY")
+    elif kind == AttributeType.PRESHARED_KEY:
+        found.preshared_key = _check_key(value, "PRESHARED_KEY")
+    elif kind == AttributeType.ENROLL_STATE:
+        state = _parse_fixed(value, 1, "ENROLL_STATE")
+        if state not in _ENROLL_STATES:
+            raise ControlError(f"unknown ENROLL_STATE {state}")
+        found.enroll_state = EnrollState(state)
+    elif kind == AttributeType.NAME:
+        try:
+            found.name = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ControlError("name is not ASCII") from None
+        _check_name(found.name)
 
 
+_ENROLL_STATES = frozenset(EnrollState)
 _AUTH_STATES = frozenset(AuthState)
 
 
@@ -479,4 +575,12 @@ def decode(payload: bytes) -> ControlMessage | None:
         if found.method is None or found.code is None:
             raise ControlError("AUTH_CODE without AUTH_METHOD and CODE")
         return AuthCode(request_id, found.method, found.code)
+    if kind == MessageType.ENROLL_REQUEST:
+        if found.public_key is None or found.preshared_key is None:
+            raise ControlError("ENROLL_REQUEST without PUBLIC_KEY and PRESHARED_KEY")
+        return EnrollRequest(request_id, found.public_key, found.preshared_key)
+    if kind == MessageType.ENROLL_ANSWER:
+        if found.enroll_state is None:
+            raise ControlError("ENROLL_ANSWER without ENROLL_STATE")
+        return EnrollAnswer(request_id, found.enroll_state, found.name, found.seconds, found.reason)
     return Goodbye(found.reason)
