@@ -50,6 +50,8 @@ def register_join_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--config-dir", default=CONFIG_DIR, metavar="DIR",
                         help="where NAME.conf, NAME.key and NAME.psk go (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace an existing NAME.conf")
+    parser.add_argument("--timeout", type=float, default=ENROLL_TIMEOUT, metavar="SECONDS",
+                        help="how long to wait for each of the server's endpoints (default %(default)s)")
     parser.set_defaults(func=run_join)
     return parser
 
@@ -198,7 +200,7 @@ def run_join(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     own = Credentials(generate_private_key(), generate_preshared_key())
     try:
-        peer_name = _enroll_anywhere(token, own)
+        peer_name = _enroll_anywhere(token, own, args.timeout)
         os.makedirs(args.config_dir, mode=0o755, exist_ok=True)
         _write(paths["key"], encode_key(own.private_key) + "\n", force=True)
         _write(paths["psk"], encode_key(own.preshared_key) + "\n", force=True)
@@ -215,12 +217,12 @@ def run_join(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _enroll_anywhere(token: InviteToken, own: Credentials) -> str:
+def _enroll_anywhere(token: InviteToken, own: Credentials, timeout: float) -> str:
     """Each endpoint in turn until one answers; a refusal is final."""
     failures = []
     for endpoint in _endpoints(token):
         try:
-            return enroll(token, own, endpoint)
+            return enroll(token, own, endpoint, timeout)
         except EnrollRefused:
             raise
         except JoinError as exc:

@@ -458,8 +458,8 @@ class Server(Daemon):
             lifetime, uses = int(request.get("lifetime", DEFAULT_LIFETIME)), int(request.get("uses", 1))
         except (InvalidKey, TypeError, ValueError, OverflowError) as exc:
             return {"error": f"bad invite request: {exc}"}
-        if not 60 <= lifetime <= MAX_LIFETIME or not 1 <= uses <= MAX_USES:
-            return {"error": f"an invite lasts 60 to {MAX_LIFETIME} s and has 1 to {MAX_USES} uses"}
+        if not 1 <= lifetime <= MAX_LIFETIME or not 1 <= uses <= MAX_USES:
+            return {"error": f"an invite lasts 1 to {MAX_LIFETIME} s and has 1 to {MAX_USES} uses"}
         if len(self.invites) >= MAX_OPEN_INVITES:
             return {"error": f"{MAX_OPEN_INVITES} invites are open already; revoke some (tunvpn peers lists them)"}
         if self._name_taken(name) or self._key_taken(public_key):

@@ -116,6 +116,12 @@ def _authorized_until(until: float, now: float) -> str:
     return f"authorized until {clock} ({format_duration(max(0, int(until - now)))} left)"
 
 
+def _invite(invite: dict, now: float) -> str:
+    left = max(0, int(invite.get("expires", 0) - now))
+    return f"{invite.get('name')} ({invite.get('uses_left')} of {invite.get('uses')} use(s) left, expires in " \
+           f"{format_duration(left) if left else 'a moment'})"
+
+
 def _interface_lines(status: dict) -> list[str]:
     lines = [f"interface: {status.get('interface', '?')}"]
     if status.get("role"):
@@ -130,6 +136,10 @@ def _interface_lines(status: dict) -> list[str]:
         lines.append(f"  offloads: {_join(status['offloads']) if status['offloads'] else 'none'}")
     if status.get("role") == "server":
         lines.append(f"  client-to-client: {'yes' if status.get('client_to_client') else 'no'}")
+        if status.get("enrolled"):
+            lines.append(f"  enrolled peers: {_join(status['enrolled'])}")
+        if status.get("invites"):
+            lines.append(f"  open invites: {_join(_invite(i, time.time()) for i in status['invites'])}")
     elif status.get("role") == "client":
         lines.append(f"  config: {_pushed_config(status.get('pushed'))}")
         if status.get("second_factor"):
@@ -150,6 +160,8 @@ def _peer_lines(peer: dict, now: float) -> list[str]:
     lines = [f"peer: {peer.get('public_key', '?')}"]
     if peer.get("name"):
         lines.append(f"  name: {peer['name']}")
+    if peer.get("invite"):
+        lines.append(f"  invite: {_invite(peer['invite'], now)} (may only enroll)")
     if peer.get("endpoint"):
         lines.append(f"  endpoint: {peer['endpoint']}")
     lines.append(f"  allowed ips: {_join(peer.get('allowed_ips', []))}")

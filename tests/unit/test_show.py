@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,13 @@ def test_a_named_peer_shows_its_name() -> None:
     status = {"interface": "tv-x", "public_key": SERVER_KEY, "peers": [
         {"public_key": ALICE, "name": "alice-laptop", "allowed_ips": [], "latest_handshake": None}]}
     assert f"peer: {ALICE}\n  name: alice-laptop\n" in format_status(status, now=NOW)
+
+
+def test_invites_and_enrolled_peers_are_shown():
+    now = time.time()
+    invite = {"name": "laptop", "uses": 2, "uses_left": 1, "expires": now + 7200 + 30}
+    text = format_status({"role": "server", "interface": "tv-office", "enrolled": ["phone", "laptop"],
+                          "invites": [invite], "peers": [{"public_key": "K", "invite": invite}]}, now=now)
+    assert "  enrolled peers: phone, laptop\n" in text
+    assert "  open invites: laptop (1 of 2 use(s) left, expires in 2 hours" in text
+    assert "  invite: laptop (1 of 2 use(s) left, expires in 2 hours" in text and "(may only enroll)" in text
