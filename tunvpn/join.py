@@ -80,8 +80,11 @@ def enroll(token: InviteToken, own: Credentials, endpoint: tuple, timeout: float
         next_request = time.monotonic()
         while (now := time.monotonic()) < deadline:
             device.set_wall_clock(time.time(), now)
-            if now >= next_request:
-                device.send_to_peer(token.server_public_key, [request], now)
+            if now >= next_request:  # the request once a session is up, repeated until answered
+                if device.has_session(token.server_public_key):
+                    device.send_to_peer(token.server_public_key, [request], now)
+                else:
+                    device.initiate(token.server_public_key, now)  # at most one per REKEY_TIMEOUT
                 next_request = now + REQUEST_INTERVAL
             for data, address in device.datagrams_to_send():
                 try:

@@ -497,6 +497,7 @@ class Server(Daemon):
             self.device.count_drop(invite_key, "enrollment_in_progress")
             return
         refusal = ("this invite is used up" if invite.uses_left <= 0 else
+                   "this invite has expired" if invite.expires <= self.wall_clock() else
                    "this key is already a peer of the server" if self._key_taken(request.public_key) else None)
         if refusal is not None:
             self.device.count_drop(invite_key, "enrollment_refused")

@@ -186,3 +186,10 @@ def test_a_peer_file_that_clashes_with_the_main_config_is_skipped(tmp_path):
     (directory / "dup.conf").write_text(f"[Peer]\nName = dup\nPublicKey = {encode_key(ALICE)}\n")
     os.chmod(directory / "dup.conf", 0o600)
     assert Harness(tmp_path).names() == {"alice"}
+
+
+def test_an_invite_past_its_deadline_is_refused_even_before_the_timer_removes_it(harness):
+    invite = harness.invite(lifetime=600)
+    harness.wall += 600
+    [refused] = harness.enroll(invite, new_key())
+    assert refused.state == EnrollState.REFUSED and "expired" in refused.reason
