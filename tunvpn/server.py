@@ -58,6 +58,7 @@ class Server(Daemon):
         self.invites: dict[bytes, Invite] = {}
         self._enrolling: set[bytes] = set()  # invites whose new peer is being written to disk
         self.enroll_limit = EnrollmentLimit()
+        self._peer_journal: list[_PeerChange] = []
         self._invites_save_failing = False
         self._load_invites()
 
@@ -551,8 +552,27 @@ class Server(Daemon):
         self.system.submit(f"writing peer {name}", lambda: write_peer_file(directory, name, text), written)
 
     def _add_peers(self, peers: list[PeerConfig], now: float) -> None:
+        """Peers whose files are written: applied now, and journaled for a reload reading meanwhile."""
         self._apply_config(dataclasses.replace(self.config, peers=[*self.config.peers, *peers]), now)
+        self._peer_journal += [_PeerChange(peer, added=True, on_disk=True) for peer in peers]
         self.status_changed()
+
+    def reload(self) -> None:
+        """A reload reads the peers directory again: changes on disk by now are in what it reads."""
+        self._peer_journal = [change for change in self._peer_journal if not change.on_disk]
+        super().reload()
+
+    def _replay_peer_changes(self, new: Config) -> Config:
+        """The runtime adds and revocations a reload's read may have missed (the read runs beside
+        the loop, while a file is written or deleted); the main config still wins every clash."""
+        peers = list(new.peers)
+        for change in self._peer_journal:
+            key = change.peer.public_key
+            if any(p.public_key == key and p.source is None for p in peers):
+                continue
+            peers = [p for p in peers if p.public_key != key] + ([change.peer] if change.added else [])
+        self._peer_journal = [change for change in self._peer_journal if not change.on_disk]
+        return dataclasses.replace(new, peers=peers)
 
     def _add_stock_peer(self, request: dict) -> dict:
         """`tunvpn invite --stock`: a peer whose keys the CLI made, with a fixed address from the pool."""
@@ -602,14 +622,20 @@ class Server(Daemon):
             return {"error": f"{wanted} is a [Peer] of {self.config.path}: remove it there and reload"}
         self._apply_config(dataclasses.replace(self.config, peers=[p for p in self.config.peers if p is not peer]),
                            time.monotonic())
+        change = _PeerChange(peer, added=False)
+        self._peer_journal.append(change)
         self.status_changed()
         log.info("peer %s (%s): revoked; its sessions are cut and it cannot connect again", peer.name,
                  short_key(peer.public_key))
         source = Path(peer.source)
-        self.system.submit(f"removing {source}", lambda: remove_peer_file(source.parent, source.stem),
-                           lambda _, error: error and log.error(
-                               "cannot remove %s: %s; remove it by hand, or the peer is back after a restart",
-                               source, getattr(error, "strerror", None) or error))
+
+        def removed(_: object, error: BaseException | None) -> None:
+            change.on_disk = error is None
+            if error is not None:
+                log.error("cannot remove %s: %s; remove it by hand, or the peer is back after a restart",
+                          source, getattr(error, "strerror", None) or error)
+
+        self.system.submit(f"removing {source}", lambda: remove_peer_file(source.parent, source.stem), removed)
         return {"revoked": "peer", "name": peer.name}
 
     def _list_peers(self) -> dict:
@@ -628,7 +654,7 @@ class Server(Daemon):
     # --- reload ---------------------------------------------------------------------------------
 
     def apply_reload(self, new: Config, now: float) -> None:
-        added, removed, changed = self._apply_config(new, now)
+        added, removed, changed = self._apply_config(self._replay_peer_changes(new), now)
         log.info("reloaded %s: %d peer(s) added, %d removed, %d changed%s", new.path, len(added), len(removed),
                  len(changed), refused_note(self.refused))
 
@@ -684,6 +710,15 @@ def _policy_defaults(config: Config) -> tuple:
 
 def _describe_lease(lease: Lease) -> str:
     return ", ".join(str(a) for a in (lease.ipv4, lease.ipv6) if a is not None)
+
+
+@dataclasses.dataclass(eq=False)
+class _PeerChange:
+    """An enrolled peer added or revoked at run time; `on_disk` once its file says so too."""
+
+    peer: PeerConfig
+    added: bool
+    on_disk: bool = False
 
 
 def _with_enrolled_peers(config: Config, directory: Path) -> Config:

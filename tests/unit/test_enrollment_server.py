@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,7 +36,10 @@ class Harness:
         self.sent: list[tuple[bytes, object]] = []
         text = (f"[Interface]\nPrivateKey = {encode_key(SERVER_KEY)}\nAddress = 203.0.113.1/24\n"
                 f"PushRoute = 198.51.100.0/24\n\n[Peer]\nName = alice\nPublicKey = {encode_key(ALICE)}\n")
-        config = parse_config(text, str(tmp_path / "office.conf"), role="server", resolve=False)
+        path = tmp_path / "office.conf"
+        path.write_text(text)
+        os.chmod(path, 0o600)
+        config = parse_config(text, str(path), role="server", resolve=False)
         self.server = Server(config, Options(state_dir=tmp_path / "state"))  # loads invites on the real clock
         self.server.wall_clock = lambda: self.wall
         self.server.device.send_to_peer = self._record
@@ -193,3 +197,31 @@ def test_an_invite_past_its_deadline_is_refused_even_before_the_timer_removes_it
     harness.wall += 600
     [refused] = harness.enroll(invite, new_key())
     assert refused.state == EnrollState.REFUSED and "expired" in refused.reason
+
+
+class ReadNowApplyLater:
+    """A resolver worker that reads the config at once and hands it to the loop only when told."""
+
+    def submit(self, what, run, done=None, key=None) -> bool:
+        self.result, self.done = run(), done
+        return True
+
+    def deliver(self) -> None:
+        self.done(self.result, None)
+
+
+def test_a_reload_read_before_an_enrollment_or_a_revocation_does_not_undo_it(harness):
+    """The reload's file reading runs beside the loop: what the server changed meanwhile stays."""
+    laptop, phone = new_key(), new_key()
+    harness.enroll(harness.invite(), laptop)
+    harness.server.loop = SimpleNamespace(flush=lambda: None)
+    harness.server.resolver = worker = ReadNowApplyLater()
+    harness.server.reload()  # reads now: laptop, no phone
+    harness.enroll(harness.invite(name="phone"), phone)
+    harness.server.handle_request({"command": "revoke", "peer": "laptop"})
+    worker.deliver()
+    assert harness.server.device.has_peer(phone) and not harness.server.device.has_peer(laptop)
+    assert harness.names() == {"alice", "phone"}
+    harness.server.reload()  # a fresh read agrees
+    worker.deliver()
+    assert harness.names() == {"alice", "phone"}
