@@ -225,3 +225,12 @@ def test_a_reload_read_before_an_enrollment_or_a_revocation_does_not_undo_it(har
     harness.server.reload()  # a fresh read agrees
     worker.deliver()
     assert harness.names() == {"alice", "phone"}
+
+
+def test_a_damaged_invites_file_costs_the_invites_not_the_server(tmp_path, caplog):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "invites.json").write_text('{"version": 1, "invites": {"not a key": {}}}')
+    harness = Harness(tmp_path)
+    assert harness.server.invites == {} and "skipped a damaged invite entry" in caplog.text
+    (tmp_path / "state" / "invites.json").write_text("{trunc")
+    assert Harness(tmp_path).server.invites == {} and "cannot read the invites" in caplog.text
