@@ -17,7 +17,7 @@ import pytest
 from deployment import (
     CAP_NET_ADMIN_ONLY, MAX_EXPOSURE, PUSHED_DNS_DOMAIN, PUSHED_DNS_SERVER, SERVER_TUNNEL_V4, SERVER_TUNNEL_V6,
     background_ping, capability_masks, client_config, exposure, file_digests, install, installed_version,
-    main_pid, make_key, ping_result, process_user, purge_and_check_nothing_left, server_config, show,
+    SERVER_PORT, main_pid, make_key, ping_result, process_user, purge_and_check_nothing_left, server_config, show,
     tunnel_address, wait_active, wait_for_ping, write_config,
 )
 from systemdhosts import SystemdHost, SystemdLab
@@ -182,6 +182,28 @@ def test_reload_adds_a_peer_while_traffic_flows(office: Office, deb: Path) -> No
     transmitted, received = ping_result(alice, "/root/reload-ping.log")
     assert (transmitted, received) == (60, 60), "traffic of a connected client was interrupted by the reload"
     assert main_pid(office.server, SERVER_UNIT) == server_pid, "reload restarted the server"
+
+
+def test_invite_and_join_under_the_packaged_units(office: Office, deb: Path) -> None:
+    """One command on each side: the server (user tunvpn, /etc read-only) writes the enrolled peer
+    into its StateDirectory, and the joined client's files are what the packaged client unit reads.
+    dave stays a client, so the restart, reboot, crash and upgrade tests below include him."""
+    dave = office.lab.add_host("dave")
+    install(dave, deb)
+    line = office.server.run(["tunvpn", "invite", "office", "--name", "dave",
+                              "--endpoint", f"{office.server.address}:{SERVER_PORT}"]).stdout.strip()
+    assert line.startswith("tunvpn join tunvpn://join/")
+    dave.run(f"{line} && systemctl enable --now tunvpn-client@office.service", timeout=60)
+    files = "/etc/tunvpn/office.conf /etc/tunvpn/office.key /etc/tunvpn/office.psk"
+    assert dave.run(f"stat -c '%U:%G %a' {files}").stdout.split() == ["root:tunvpn", "640"] * 3
+    enrolled = "/var/lib/tunvpn/office/peers.d/dave.conf"
+    assert office.server.run(f"stat -c '%U:%G %a' {enrolled}").stdout.split() == ["tunvpn:tunvpn", "600"]
+    office.clients["dave"] = dave
+    office.instances["dave"] = "office"
+    office.addresses["dave"] = tunnel_address(dave, "office")
+    wait_for_ping(dave, SERVER_TUNNEL_V4)
+    wait_for_ping(dave, office.addresses["alice"])
+    assert "dave" in office.server.run(["tunvpn", "peers", "office"]).stdout
 
 
 def _all_connected(office: Office) -> None:
