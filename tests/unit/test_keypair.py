@@ -102,9 +102,9 @@ def test_session_keys_cross():
     mine = Keypair(keys, 0.0, None)
     theirs = Keypair(SessionKeys(keys.receive, keys.send, False, 2, 1), 0.0, None)
     sealed = mine.sender.seal(7, b"hello")
-    assert theirs.receiver.open(bytes(4) + (7).to_bytes(8, "little"), sealed) == b"hello"
-    assert theirs.receiver.open(bytes(4) + (8).to_bytes(8, "little"), sealed) is None
-    assert mine.receiver.open(bytes(4) + (7).to_bytes(8, "little"), sealed) is None
+    assert theirs.receiver.open(7, sealed) == b"hello"
+    assert theirs.receiver.open(8, sealed) is None
+    assert mine.receiver.open(7, sealed) is None
 
 
 # --- in a device -------------------------------------------------------------------------------------

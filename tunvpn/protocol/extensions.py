@@ -35,8 +35,12 @@ def _to_tun_or_peers(state: DeviceState, packets: list[bytes], senders: list[Pee
     lookup_v6 = state.allowed_ips.lookup_v6
     to_tun: list[bytes] = []
     relayed: list[bytes] = []
+    last_destination, target = None, None  # a batch is mostly one flow's: one lookup for it
     for packet, sender in zip(packets, senders):
-        target = lookup_v4(packet[16:20]) if packet[0] >> 4 == 4 else lookup_v6(packet[24:40])
+        destination = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        if destination != last_destination:
+            target = lookup_v4(destination) if len(destination) == 4 else lookup_v6(destination)
+            last_destination = destination
         if target is None:
             to_tun.append(packet)
         elif allowed:

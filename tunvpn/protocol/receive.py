@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Iterable
 
 from . import handshake, timerhandlers
+from .crypto import TagMismatch, transport_nonce
 from .devicestate import DeviceState
 from .events import Endpoint, EndpointChanged
 from .keypair import REJECT_AFTER_MESSAGES, Keypair
 from .messages import MESSAGE_TRANSPORT, TRANSPORT_HEADER, TRANSPORT_HEADER_SIZE, TRANSPORT_MIN_SIZE
 from .peer import Peer
-
-_ZERO_NONCE_PREFIX = bytes(4)
 
 
 def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpoint]], now: float) -> list[bytes]:
@@ -27,6 +26,7 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
     touched: dict[Peer, bool] = {}  # peer -> received data (not only keepalives)
     index_get = state.index_table.get
     unpack_header = TRANSPORT_HEADER.unpack_from
+    nonce = transport_nonce
     lookup_v4 = state.allowed_ips.lookup_v4
     lookup_v6 = state.allowed_ips.lookup_v6
     dropped = state.dropped
@@ -61,11 +61,12 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
                 peer.dropped["expired_keypair"] += 1
                 last_receiver = -1
                 continue
-            open_transport = keypair.receiver.open
+            decrypt = keypair.receiver.decrypt
             accept_counter = keypair.replay.accept
             last_receiver = receiver
-        plaintext = open_transport(_ZERO_NONCE_PREFIX + data[8:16], data[TRANSPORT_HEADER_SIZE:])
-        if plaintext is None:
+        try:
+            plaintext = decrypt(nonce(counter), data[TRANSPORT_HEADER_SIZE:], None)
+        except TagMismatch:
             dropped["bad_transport_tag"] += 1
             continue
         # Only now, with the tag verified, may the counter move the replay window.

@@ -10,9 +10,10 @@ from collections import deque
 from typing import Iterable
 
 from . import handshake, timerhandlers
+from .crypto import transport_nonce
 from .devicestate import DeviceState
 from .keypair import REJECT_AFTER_MESSAGES, Keypair
-from .messages import MESSAGE_TRANSPORT, TRANSPORT_HEADER, padded_length
+from .messages import MESSAGE_TRANSPORT, TRANSPORT_HEADER
 from .peer import STAGED_PACKETS_MAX, Peer
 
 _ZERO_PADDING = bytes(16)
@@ -93,7 +94,8 @@ def seal(state: DeviceState, peer: Peer, keypair: Keypair, packets: Iterable[byt
 
     Everything the loop touches is a local (attribute and global lookups cost more than the
     arithmetic), the counter is written back once, and the timers move once per batch."""
-    seal_with = keypair.sender.seal
+    encrypt = keypair.sender.encrypt
+    nonce = transport_nonce
     pack_header = TRANSPORT_HEADER.pack
     remote_index = keypair.remote_index
     endpoint = peer.endpoint
@@ -109,10 +111,12 @@ def seal(state: DeviceState, peer: Peer, keypair: Keypair, packets: Iterable[byt
         length = len(packet)
         if length:
             has_data = True
-            padding = padded_length(length, mtu) - length
+            padding = -length & 15  # messages.padded_length, inlined
+            if padding and mtu and length + padding > mtu:
+                padding = max(0, mtu - length)
             if padding:
                 packet = packet + _ZERO_PADDING[:padding]
-        datagram = pack_header(MESSAGE_TRANSPORT, remote_index, counter) + seal_with(counter, packet)
+        datagram = pack_header(MESSAGE_TRANSPORT, remote_index, counter) + encrypt(nonce(counter), packet, None)
         counter += 1
         sent_bytes += len(datagram)
         out.append((datagram, endpoint))
