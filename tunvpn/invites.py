@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .config import is_peer_name
 from .keys import InvalidKey, decode_key, encode_key
 
 INVITES_FILE = "invites.json"
@@ -71,6 +72,8 @@ def invite_from_json(key_text: str, value: dict[str, Any]) -> Invite:
                     None if value.get("finished") is None else int(value["finished"]))
     if not 1 <= invite.uses <= MAX_USES or len(invite.enrolled) > invite.uses:
         raise ValueError("use counts out of range")
+    if not is_peer_name(invite.peer_name(invite.uses - 1)):  # it names files in the peers directory
+        raise ValueError("not a peer name")
     return invite
 
 

@@ -201,6 +201,10 @@ def run_join(args: argparse.Namespace) -> int:
               + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(token.expires)) + "; ask for a new one",
               file=sys.stderr)
         return EXIT_FAILED
+    writable = args.config_dir if os.path.isdir(args.config_dir) else os.path.dirname(args.config_dir) or "."
+    if not os.access(writable, os.W_OK):
+        print(f"tunvpn join: cannot write to {writable} (run it as root?); the invite is not used yet", file=sys.stderr)
+        return EXIT_USAGE
     own = Credentials(generate_private_key(), generate_preshared_key())
     try:
         peer_name = _enroll_anywhere(token, own, args.timeout)

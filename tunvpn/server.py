@@ -461,6 +461,8 @@ class Server(Daemon):
             return {"error": f"bad invite request: {exc}"}
         if not 1 <= lifetime <= MAX_LIFETIME or not 1 <= uses <= MAX_USES:
             return {"error": f"an invite lasts 1 to {MAX_LIFETIME} s and has 1 to {MAX_USES} uses"}
+        if not is_peer_name(Invite(public_key, preshared_key, name, 0, 0, uses).peer_name(uses - 1)):
+            return {"error": f"{name}-{uses} (the name of its last peer) is longer than a name may be"}
         if len(self.invites) >= MAX_OPEN_INVITES:
             return {"error": f"{MAX_OPEN_INVITES} invites are open already; revoke some (tunvpn peers lists them)"}
         if self._name_taken(name) or self._key_taken(public_key):

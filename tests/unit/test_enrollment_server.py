@@ -234,3 +234,10 @@ def test_a_damaged_invites_file_costs_the_invites_not_the_server(tmp_path, caplo
     assert harness.server.invites == {} and "skipped a damaged invite entry" in caplog.text
     (tmp_path / "state" / "invites.json").write_text("{trunc")
     assert Harness(tmp_path).server.invites == {} and "cannot read the invites" in caplog.text
+
+
+def test_a_many_use_invite_whose_last_peer_name_would_be_too_long_is_refused(harness):
+    answer = harness.server.handle_request({"command": "invite", "name": "x" * 63, "uses": 10,
+                                            "public_key": encode_key(new_key()),
+                                            "preshared_key": encode_key(generate_preshared_key())})
+    assert "longer than a name may be" in answer["error"]
