@@ -499,9 +499,12 @@ class Server(Daemon):
         if invite_key in self._enrolling:
             self.device.count_drop(invite_key, "enrollment_in_progress")
             return
+        name = invite.peer_name(len(invite.enrolled))
         refusal = ("this invite is used up" if invite.uses_left <= 0 else
                    "this invite has expired" if invite.expires <= self.wall_clock() else
-                   "this key is already a peer of the server" if self._key_taken(request.public_key) else None)
+                   "this key is already a peer of the server" if self._key_taken(request.public_key) else
+                   f"the name {name} is taken (by a peer added since the invite)"
+                   if any(peer.name == name for peer in self.config.peers) else None)
         if refusal is not None:
             self.device.count_drop(invite_key, "enrollment_refused")
             if self.peer_log.allow(invite_key, "enrollment refused", now):
@@ -515,7 +518,6 @@ class Server(Daemon):
                 log.warning("invite %s: enrollment rate limited; the next is taken in %.0f s", invite.name, wait)
             answer(EnrollState.RATE_LIMITED, seconds=math.ceil(wait))
             return
-        name = invite.peer_name(len(invite.enrolled))
         peer = PeerConfig(request.public_key, request.preshared_key, [], None, None, 0, line=2, name=name,
                           source=str(peer_file(self.peers_dir, name)))
         self._enrolling.add(invite_key)

@@ -241,3 +241,14 @@ def test_a_many_use_invite_whose_last_peer_name_would_be_too_long_is_refused(har
                                             "public_key": encode_key(new_key()),
                                             "preshared_key": encode_key(generate_preshared_key())})
     assert "longer than a name may be" in answer["error"]
+
+
+def test_a_name_the_admin_took_since_the_invite_is_refused_not_duplicated(harness, tmp_path):
+    invite = harness.invite(name="lab", uses=2)
+    harness.enroll(invite, new_key())
+    path = tmp_path / "office.conf"
+    path.write_text(path.read_text() + f"\n[Peer]\nName = lab-2\nPublicKey = {encode_key(new_key())}\n")
+    harness.server.loop = SimpleNamespace(flush=lambda: None)
+    harness.server.reload()
+    [refused] = harness.enroll(invite, new_key())
+    assert refused.state == EnrollState.REFUSED and "lab-2 is taken" in refused.reason
