@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import signal
 import time
+from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,8 @@ class PeerLogLimit:
     def __init__(self, burst: int = 5, window: float = 60.0) -> None:
         self.burst = burst
         self.window = window
-        self._windows: dict[tuple[bytes, str], list[float]] = {}  # -> [window start, lines in it]
+        # -> [window start, lines in it], oldest window first
+        self._windows: OrderedDict[tuple[bytes, str], list[float]] = OrderedDict()
 
     def allow(self, public_key: bytes, kind: str, now: float) -> bool:
         key = (public_key, kind)
@@ -100,10 +102,18 @@ class PeerLogLimit:
                 log.info("peer %s: %d more %s line(s) held back in %.0f s", short_key(public_key),
                          window[1] - self.burst, kind, now - window[0])
             if window is None and len(self._windows) >= self.MAX_TRACKED:
-                self._windows = {k: w for k, w in self._windows.items() if now - w[0] < self.window}
+                self._drop_expired(now)
             window = self._windows[key] = [now, 0]
+            self._windows.move_to_end(key)
         window[1] += 1
         return window[1] <= self.burst
+
+    def _drop_expired(self, now: float) -> None:
+        """Expired windows are the oldest, at the front: dropping them costs what is dropped, so
+        thousands of peers connecting within one window no longer walk the whole table each."""
+        windows = self._windows
+        while windows and now - next(iter(windows.values()))[0] >= self.window:
+            windows.popitem(last=False)
 
 
 class Daemon:
