@@ -47,11 +47,15 @@ def _times(datagrams: list[Datagram], sender: str, kind: str) -> list[float]:
 
 # --- the Timers object on its own ------------------------------------------------------------
 
+def _no_draw() -> float:
+    raise AssertionError("the jitter was drawn for a timer already running")
+
+
 def test_timer_rules():
     timers = Timers(persistent_keepalive_interval=25)
     assert timers.next_deadline() is None and timers.pop_due(1e9) == []
-    timers.data_sent(10.0, 0.2)
-    timers.data_sent(12.0, 0.0)  # already pending: not moved
+    timers.data_sent(10.0, lambda: 0.2)
+    timers.data_sent(12.0, _no_draw)  # already pending: not moved, and no jitter drawn for nothing
     assert timers.new_handshake == 10.0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 0.2
     timers.data_received(11.0)
     assert timers.send_keepalive == 21.0 and not timers.need_another_keepalive

@@ -129,4 +129,4 @@ def seal(state: DeviceState, peer: Peer, keypair: Keypair, packets: Iterable[byt
         timers.authenticated_packet_traversed(now)
         timers.authenticated_packet_sent()
         if has_data:
-            timers.data_sent(now, state.jitter())
+            timers.data_sent(now, state.jitter)

@@ -9,6 +9,7 @@ Nothing here reads a clock or sends anything.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Callable
 
 from .keypair import REJECT_AFTER_TIME
 
@@ -76,10 +77,12 @@ class Timers:
 
     # --- protocol events -----------------------------------------------------
 
-    def data_sent(self, now: float, jitter: float) -> None:
-        """We sent data and expect an answer; without one, start over with a new handshake."""
+    def data_sent(self, now: float, jitter: Callable[[], float]) -> None:
+        """We sent data and expect an answer; without one, start over with a new handshake.
+
+        The jitter is drawn only when the timer starts: most batches find it running already."""
         if self.new_handshake is None:
-            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter
+            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter()
 
     def data_received(self, now: float) -> None:
         """Owe the peer a keepalive unless we send something first."""
