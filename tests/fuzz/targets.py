@@ -250,8 +250,12 @@ def _control_seeds() -> list[bytes]:
         routes=[ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:200::/48")],
         dns=[ipaddress.ip_address("203.0.113.1")], search=["office.example"], mtu=1420, keepalive=25)
     held = control.ConfigRequest(8, [ipaddress.ip_interface("203.0.113.5/29"), ipaddress.ip_interface("2001:db8:100::5/64")])
+    enroll = [control.EnrollRequest(9, bytes(range(32)), bytes(32)),
+              control.EnrollAnswer(9, control.EnrollState.ACCEPTED, "laptop-2"),
+              control.EnrollAnswer(9, control.EnrollState.RATE_LIMITED, seconds=12),
+              control.EnrollAnswer(9, control.EnrollState.REFUSED, reason="this invite is used up")]
     return [control.encode(m) for m in (control.ConfigRequest(7), held, push, control.ConfigRefused(7, "pool exhausted"),
-                                         control.Goodbye("shutting down"), control.Goodbye(""))]
+                                         control.Goodbye("shutting down"), control.Goodbye(""), *enroll)]
 
 
 def _decode_run() -> Callable[[bytes], None]:
