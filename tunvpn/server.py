@@ -165,7 +165,7 @@ class Server(Daemon):
                 self.state.leases[public_key] = lease
                 self._schedule_save(0.0)
                 for address in lease.addresses:
-                    self.device.add_allowed_ip(public_key, ipaddress.ip_network(address.ip))
+                    self.device.add_allowed_ip(public_key, _host_network(address))
                 log.info("peer %s: leased %s", short_key(public_key), _describe_lease(lease))
         return self._peer_addresses(public_key, peer.allowed_ips)
 
@@ -710,6 +710,12 @@ def _lease_of(held: list, families: list[int]) -> Lease:
 
 def _policy_defaults(config: Config) -> tuple:
     return config.interface.default_rate_limit, tuple(config.interface.default_access)
+
+
+def _host_network(address) -> IPNetwork:
+    """An interface's own address as a /32 or /128 (ip_network() would try IPv4 first)."""
+    network = ipaddress.IPv4Network if address.version == 4 else ipaddress.IPv6Network
+    return network((address.ip, address.max_prefixlen))
 
 
 def _describe_lease(lease: Lease) -> str:

@@ -26,6 +26,7 @@ _MEMO_MAX = 4096  # addresses remembered per family; spoofed floods only make it
 _UNKNOWN = object()
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NETWORK_TYPES = (ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
 class _Family(Generic[Owner]):
@@ -105,7 +106,8 @@ class AllowedIPs(Generic[Owner]):
         self._v6: _Family[Owner] = _Family(128)
 
     def insert(self, network: IPNetwork | str, owner: Owner) -> None:
-        net = ipaddress.ip_network(network, strict=False)
+        # A network object needs no parsing (ip_network would first fail at IPv4 for an IPv6 one).
+        net = network if isinstance(network, _NETWORK_TYPES) else ipaddress.ip_network(network, strict=False)
         family = self._v4 if net.version == 4 else self._v6
         family.insert(int(net.network_address), net.prefixlen, owner)
 
