@@ -713,9 +713,10 @@ def _policy_defaults(config: Config) -> tuple:
 
 
 def _host_network(address) -> IPNetwork:
-    """An interface's own address as a /32 or /128 (ip_network() would try IPv4 first)."""
+    """An interface's own address as a /32 or /128, from integers: ip_network() would try IPv4
+    first, and an address object is turned into text and parsed again."""
     network = ipaddress.IPv4Network if address.version == 4 else ipaddress.IPv6Network
-    return network((address.ip, address.max_prefixlen))
+    return network((int(address.ip), address.max_prefixlen))
 
 
 def _describe_lease(lease: Lease) -> str:
