@@ -35,7 +35,8 @@ COLUMNS = (
     ("peers", "peers"), ("connected", "connected"), ("handshakes/s", "handshakes_per_second"),
     ("s to all connected", "seconds_to_all_connected"), ("RSS before MiB", "rss_before_mib"),
     ("RSS at N MiB", "rss_after_mib"), ("KiB per peer (delta)", "rss_per_peer_kib"),
-    ("KiB per peer (total)", "rss_total_per_peer_kib"), ("show ms", "show_ms"), ("show --json ms", "show_json_ms"),
+    ("KiB per peer (total)", "rss_total_per_peer_kib"), ("server CPU ms per client", "server_cpu_ms_per_client"),
+    ("loadgen CPU ms per client", "loadgen_cpu_ms_per_client"), ("show ms", "show_ms"), ("show --json ms", "show_json_ms"),
     ("server start s", "server_start_seconds"),
 )
 

@@ -19,9 +19,13 @@ address, which the server's kernel answers through its tun. Persistent keepalive
 
 One Device per client is the honest shape: every client has its own static key, so the server
 sees a distinct peer doing a full Noise handshake, a lease and a push. The cost is the client
-half of each handshake in Python, about what the server spends on it; `in_flight` bounds how
-many clients of a worker are between their initiation and their push, so the server is kept
-busy without a burst that only fills socket buffers, and several workers use several cores.
+half of each handshake in Python, about what the server spends on it. Two things keep the
+generator from being what is measured: each client's first initiation is made before `go`
+(its Device runs on a clock of its own, `offset` behind the real one, that reads the same when
+the initiation is sent as when it was made, so to the Device no time passed; the server only
+asks a timestamp to be newer than the last it saw from that key), and several workers use
+several cores. `in_flight` bounds how many clients of a worker are between their initiation
+and their push, so the server is kept busy without a burst that only fills socket buffers.
 """
 
 from __future__ import annotations
@@ -115,28 +119,38 @@ class SimulatedClient:
         self.request_id = index % control.MAX_REQUEST_ID + 1
         self.next_request: float | None = None
         self.scheduled: float | None = None  # the deadline this client is in the heap under
+        self.offset = 0.0  # the Device's clock is the real monotonic clock minus this
+        self.initiation: list[bytes] = []
+        self.prepared_at = 0.0
 
     @property
     def done(self) -> bool:
         """Connected, and every echo request answered."""
         return self.record.connected is not None and self.record.replies >= self.ping_count
 
-    def start(self, now: float) -> None:
-        self.record.started = now - self.go
+    def prepare(self, now: float) -> None:
+        """Make the first initiation before `go`; `start` sends it."""
         self.device.set_wall_clock(time.time(), now)
         self.device.initiate(self.server_key, now)
-        self.flush()
+        self.initiation = [data for data, _ in self.device.datagrams_to_send()]
+        self.prepared_at = now
+
+    def start(self, now: float) -> None:
+        self.record.started = now - self.go
+        self.offset = now - self.prepared_at  # the Device's clock reads as when it made the initiation
+        for data in self.initiation:
+            self.send(data)
 
     def receive(self, datagrams: list[bytes], now: float) -> None:
-        packets = self.device.receive_datagrams([(data, self.endpoint) for data in datagrams], now)
+        packets = self.device.receive_datagrams([(data, self.endpoint) for data in datagrams], now - self.offset)
         self.record.replies += sum(1 for packet in packets if is_echo_reply(packet))
         self.react(now)
 
     def tick(self, now: float) -> None:
         deadline = self.device.get_timer()
-        if deadline is not None and deadline <= now:
-            self.device.set_wall_clock(time.time(), now)
-            self.device.handle_timer(now)
+        if deadline is not None and deadline <= now - self.offset:
+            self.device.set_wall_clock(time.time(), now - self.offset)
+            self.device.handle_timer(now - self.offset)
         if self.next_request is not None and now >= self.next_request:
             self.send_request(now)
         self.react(now)
@@ -156,7 +170,8 @@ class SimulatedClient:
     def send_request(self, now: float) -> None:
         self.record.requests += 1
         self.next_request = now + REQUEST_INTERVAL
-        self.device.send_to_peer(self.server_key, [control.encode(control.ConfigRequest(self.request_id))], now)
+        request = control.encode(control.ConfigRequest(self.request_id))
+        self.device.send_to_peer(self.server_key, [request], now - self.offset)
 
     def take_push(self, payload: bytes, now: float) -> None:
         message = control.decode(payload)
@@ -169,23 +184,28 @@ class SimulatedClient:
         self.record.addresses = [str(address) for address in message.addresses]
         self.record.keepalive = message.keepalive or 0
         self.device.set_peer(self.server_key, allowed_ips=message.routes, endpoint=self.endpoint,
-                             persistent_keepalive=self.record.keepalive, now=now)
+                             persistent_keepalive=self.record.keepalive, now=now - self.offset)
         source = next((a.ip.packed for a in message.addresses if a.version == 6), None)
         if source is None:
             return  # no IPv6 address: nothing to ping from (the parent reports it)
         pings = [echo_request(source, self.target, self.index & 0xFFFF, n) for n in range(self.ping_count)]
         self.record.pings = len(pings)
-        self.device.send_packets(pings, now)
+        self.device.send_packets(pings, now - self.offset)
 
     def flush(self) -> None:
         for data, _ in self.device.datagrams_to_send():
-            try:
-                self.sock.send(data)
-            except (BlockingIOError, ConnectionRefusedError):
-                pass  # a full buffer or a port not yet open loses it, as UDP would; the timers resend
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, ConnectionRefusedError):
+            pass  # a full buffer or a port not yet open loses it, as UDP would; the timers resend
 
     def deadline(self) -> float | None:
-        deadlines = [d for d in (self.device.get_timer(), self.next_request) if d is not None]
+        """The next real time this client has something to do."""
+        timer = self.device.get_timer()
+        deadlines = [d for d in (None if timer is None else timer + self.offset, self.next_request) if d is not None]
         return min(deadlines) if deadlines else None
 
     def final_record(self) -> dict:
@@ -206,6 +226,8 @@ class Worker:
         for client in self.clients:
             self.selector.register(client.sock, selectors.EVENT_READ, client)
         self.selector.register(sys.stdin, selectors.EVENT_READ, None)
+        for client in self.clients:
+            client.prepare(time.monotonic())
         self.heap: list[tuple[float, int]] = []
         self.waiting = list(reversed(self.clients))  # not started yet, next at the end
         self.connecting: set[int] = set()

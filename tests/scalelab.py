@@ -10,6 +10,7 @@ cookie rate.
 from __future__ import annotations
 
 import json
+import os
 import select
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ NO_COOKIES = 1_000_000  # handshake messages a second before the server demands 
 LOADGEN = Path(__file__).resolve().parent / "loadgen.py"
 PUSH_KEEPALIVE = 2  # seconds: short, so keepalives flow while the run measures
 SHOW_REPEATS = 3
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class ScaleRun:
     seconds_to_all_connected: float | None  # from `go` to the last push (None: not all connected)
     rss_before_kib: int  # the server with N peers configured, none connected
     rss_after_kib: int  # every client connected
+    server_cpu_seconds: float  # the server's user + system time from `go` until all were connected
+    loadgen_cpu_seconds: float  # the generator processes', over the same time
     show_seconds: float  # `tunvpn show`, median wall time of the command
     show_json_seconds: float
     server_start_seconds: float
@@ -75,6 +79,8 @@ class ScaleRun:
             "rss_before_mib": round(self.rss_before_kib / 1024, 1), "rss_after_mib": round(self.rss_after_kib / 1024, 1),
             "rss_per_peer_kib": round(self.rss_per_peer_kib, 2),
             "rss_total_per_peer_kib": round(self.rss_after_kib / self.peers, 2),
+            "server_cpu_ms_per_client": round(self.server_cpu_seconds * 1000 / self.peers, 3),
+            "loadgen_cpu_ms_per_client": round(self.loadgen_cpu_seconds * 1000 / self.peers, 3),
             "show_ms": round(self.show_seconds * 1000, 1), "show_json_ms": round(self.show_json_seconds * 1000, 1),
             "server_start_seconds": round(self.server_start_seconds, 2),
         }
@@ -91,6 +97,12 @@ def vm_rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise LabError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def sustained_rate(times: list[float]) -> float:
@@ -179,11 +191,15 @@ def run_scale(lab: Lab, peers: int, *, workers: int = 2, in_flight: int = 32, pi
     setup_deadline = time.monotonic() + 60 + peers / 50
     for process in processes:
         process.read("ready", setup_deadline)
+    cpu_at_go = cpu_seconds(pid)
+    loadgen_at_go = sum(cpu_seconds(process.process.pid) for process in processes)
     for process in processes:
         process.tell("go")
     connect_deadline = time.monotonic() + connect_timeout + 10
     for process in processes:
         process.read("connected", connect_deadline)
+    server_cpu = cpu_seconds(pid) - cpu_at_go
+    loadgen_cpu = sum(cpu_seconds(process.process.pid) for process in processes) - loadgen_at_go
     rss_after = vm_rss_kib(pid)
     show, show_json = measure_show(server)
     time.sleep(PUSH_KEEPALIVE + 0.5)  # every client sends at least one keepalive
@@ -200,7 +216,8 @@ def run_scale(lab: Lab, peers: int, *, workers: int = 2, in_flight: int = 32, pi
         peers=peers, workers=workers, in_flight=in_flight,
         handshakes_per_second=sustained_rate([c["handshake"] for c in clients if c["handshake"] is not None]),
         seconds_to_all_connected=max(done) if None not in done else None,
-        rss_before_kib=rss_before, rss_after_kib=rss_after, show_seconds=show, show_json_seconds=show_json,
+        rss_before_kib=rss_before, rss_after_kib=rss_after, server_cpu_seconds=server_cpu,
+        loadgen_cpu_seconds=loadgen_cpu, show_seconds=show, show_json_seconds=show_json,
         server_start_seconds=server_start, clients=clients, server_peers=status["peers"], leases=leases,
         server_log=server.log())
 
