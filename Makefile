@@ -44,6 +44,7 @@ demo: check-root deps
 BENCH_ARGS ?=
 bench: check-root deps venv
 	$(DEBIAN_PYTHON) benchmarks/throughput.py --out build/bench $(BENCH_ARGS)
+	$(DEBIAN_PYTHON) benchmarks/scale.py --out build/bench
 
 # Every fuzz target under atheris for FUZZ_SECONDS each (make test runs 80000 inputs each); crashes fail it.
 fuzz: venv
