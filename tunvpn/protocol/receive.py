@@ -34,6 +34,7 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
     non_ip_hook = state.non_ip_hook
     senders: list[Peer] | None = None if state.deliver_hook is None else []  # parallel to packets
     last_receiver = -1  # a train of datagrams is mostly one session's: its lookups are done once
+    last_source, owner = b"", None  # the allowed-IPs answer for the last inner source address
     for data, source in datagrams:
         if source[1] == 0:
             # No reply can reach port 0; taken as an endpoint it would break the peer and
@@ -88,10 +89,14 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
         version = plaintext[0] >> 4
         if version == 4 and len(plaintext) >= 20:
             length = int.from_bytes(plaintext[2:4], "big")
-            owner = lookup_v4(plaintext[12:16])
+            inner_source = plaintext[12:16]
+            if inner_source != last_source:  # a batch is mostly one flow's: one lookup for it
+                owner, last_source = lookup_v4(inner_source), inner_source
         elif version == 6 and len(plaintext) >= 40:
             length = 40 + int.from_bytes(plaintext[4:6], "big")
-            owner = lookup_v6(plaintext[8:24])
+            inner_source = plaintext[8:24]
+            if inner_source != last_source:
+                owner, last_source = lookup_v6(inner_source), inner_source
         else:
             if non_ip_hook is None or not non_ip_hook(state, peer, plaintext):
                 peer.dropped["not_ip"] += 1

@@ -25,12 +25,17 @@ def send_packets(state: DeviceState, packets: Iterable[bytes], now: float) -> No
     lookup_v6 = state.allowed_ips.lookup_v6
     dropped = state.dropped
     by_peer: dict[Peer, list[bytes]] = {}
+    last_destination, peer = b"", None  # a batch is mostly one flow's: one lookup for it
     for packet in packets:
         version = packet[0] >> 4 if packet else 0
         if version == 4 and len(packet) >= 20:
-            peer = lookup_v4(packet[16:20])
+            destination = packet[16:20]
+            if destination != last_destination:
+                peer, last_destination = lookup_v4(destination), destination
         elif version == 6 and len(packet) >= 40:
-            peer = lookup_v6(packet[24:40])
+            destination = packet[24:40]
+            if destination != last_destination:
+                peer, last_destination = lookup_v6(destination), destination
         else:
             dropped["tun_not_ip"] += 1
             continue
