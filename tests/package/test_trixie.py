@@ -187,23 +187,23 @@ def test_reload_adds_a_peer_while_traffic_flows(office: Office, deb: Path) -> No
 def test_invite_and_join_under_the_packaged_units(office: Office, deb: Path) -> None:
     """One command on each side: the server (user tunvpn, /etc read-only) writes the enrolled peer
     into its StateDirectory, and the joined client's files are what the packaged client unit reads.
-    dave stays a client, so the restart, reboot, crash and upgrade tests below include him."""
-    dave = office.lab.add_host("dave")
-    install(dave, deb)
-    line = office.server.run(["tunvpn", "invite", "office", "--name", "dave",
+    erin stays a client, so the restart, reboot, crash and upgrade tests below include that host."""
+    erin = office.lab.add_host("erin")
+    install(erin, deb)
+    line = office.server.run(["tunvpn", "invite", "office", "--name", "erin",
                               "--endpoint", f"{office.server.address}:{SERVER_PORT}"]).stdout.strip()
     assert line.startswith("tunvpn join tunvpn://join/")
-    dave.run(f"{line} && systemctl enable --now tunvpn-client@office.service", timeout=60)
+    erin.run(f"{line} && systemctl enable --now tunvpn-client@office.service", timeout=60)
     files = "/etc/tunvpn/office.conf /etc/tunvpn/office.key /etc/tunvpn/office.psk"
-    assert dave.run(f"stat -c '%U:%G %a' {files}").stdout.split() == ["root:tunvpn", "640"] * 3
-    enrolled = "/var/lib/tunvpn/office/peers.d/dave.conf"
+    assert erin.run(f"stat -c '%U:%G %a' {files}").stdout.split() == ["root:tunvpn", "640"] * 3
+    enrolled = "/var/lib/tunvpn/office/peers.d/erin.conf"
     assert office.server.run(f"stat -c '%U:%G %a' {enrolled}").stdout.split() == ["tunvpn:tunvpn", "600"]
-    office.clients["dave"] = dave
-    office.instances["dave"] = "office"
-    office.addresses["dave"] = tunnel_address(dave, "office")
-    wait_for_ping(dave, SERVER_TUNNEL_V4)
-    wait_for_ping(dave, office.addresses["alice"])
-    assert "dave" in office.server.run(["tunvpn", "peers", "office"]).stdout
+    office.clients["erin"] = erin
+    office.instances["erin"] = "office"
+    office.addresses["erin"] = tunnel_address(erin, "office")
+    wait_for_ping(erin, SERVER_TUNNEL_V4)
+    wait_for_ping(erin, office.addresses["alice"])
+    assert "erin" in office.server.run(["tunvpn", "peers", "office"]).stdout
 
 
 def _all_connected(office: Office) -> None:
