@@ -232,13 +232,15 @@ def stop_daemon(daemon: Tunvpn) -> None:
         daemon.stop()
 
 
-def setup_tunvpn(lab: Lab, key: str, label: str, interpreter: Interpreter) -> System:
+def setup_tunvpn(lab: Lab, key: str, label: str, interpreter: Interpreter, offloads: str = "all") -> System:
+    """`offloads` is the daemons' --offloads: the lever variants switch some off."""
     server_host, client_host = cable(lab, key.replace("-", "_"))
     server_key, client_key = genkey(), genkey()
     server_conf, client_conf = tunvpn_configs(server_key, client_key)
-    production_logging = ("--log-level", "info")  # what the units run with, not the harness's debug
-    daemons = [Tunvpn(server_host, "server", server_conf, extra_args=production_logging, python=interpreter.path),
-               Tunvpn(client_host, "client", client_conf, extra_args=production_logging, python=interpreter.path)]
+    # What the units run with (not the harness's debug logging), and the offloads asked for.
+    args = ("--log-level", "info", "--offloads", offloads)
+    daemons = [Tunvpn(server_host, "server", server_conf, extra_args=args, python=interpreter.path),
+               Tunvpn(client_host, "client", client_conf, extra_args=args, python=interpreter.path)]
     for daemon in daemons:
         lab.add_cleanup(lambda daemon=daemon: stop_daemon(daemon))
         daemon.start()

@@ -12,6 +12,11 @@ Every system gets its own pair of network namespaces joined by one veth (contest
     wireguard-go-trixie     trixie's build of it (batched I/O, tun offloads), unpacked into a cache
     openvpn                 OpenVPN 2.6 in userspace: TLS p2p, AES-256-GCM, DCO off
     fastd                   fastd, salsa2012+umac, tun mode
+    tunvpn-venv-no-offloads tunvpn-venv with --offloads none: one datagram and one tun write per packet
+    tunvpn-venv-coalesce    ... with merged tun writes only (--offloads coalesce)
+    tunvpn-venv-gso-gro     ... with UDP GSO and GRO only (--offloads gso,gro)
+
+The last three price each data-path lever against tunvpn-venv, which has all of them.
 
 All systems are up at once and the runs are interleaved (round r measures every system, the order
 rotated by r), so load from other work on a shared machine falls on all of them alike rather than
@@ -52,8 +57,12 @@ from contestants import BenchError, System  # noqa: E402
 IPERF_PORT = 5201
 IPERF_GRACE_SECONDS = 15.0  # on top of the test length: connect, settle, JSON out
 MULTI_STREAMS = 4
+# tunvpn-venv with some offloads off: key -> (--offloads, what the label adds)
+LEVER_VARIANTS = {"tunvpn-venv-no-offloads": ("none", "no offloads"),
+                  "tunvpn-venv-coalesce": ("coalesce", "merged tun writes only"),
+                  "tunvpn-venv-gso-gro": ("gso,gro", "UDP GSO/GRO only")}
 SYSTEMS = ("veth", "tunvpn-venv", "tunvpn-bookworm", "tunvpn-trixie", "wireguard-go-bookworm",
-           "wireguard-go-trixie", "openvpn", "fastd")
+           "wireguard-go-trixie", "openvpn", "fastd", *LEVER_VARIANTS)
 APT_PACKAGES = ("iperf3", "iputils-ping", "iproute2", "procps", "wireguard-go", "wireguard-tools",
                 "openvpn", "fastd", "debootstrap", "python3-venv", "python3-cryptography")
 BENCH_VENV = REPO_ROOT / "build" / "bench-venv"
@@ -314,7 +323,8 @@ def interleaved(systems: list[System], number: int) -> list[System]:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     install_prerequisites()
-    interpreter_paths = {"tunvpn-venv": args.venv_python, "tunvpn-bookworm": args.bookworm_python}
+    interpreter_paths = {"tunvpn-venv": args.venv_python, "tunvpn-bookworm": args.bookworm_python,
+                         **{key: args.venv_python for key in LEVER_VARIANTS}}
     if "tunvpn-trixie" in args.systems:
         shim, rootfs = trixie.python_shim(workdir)
         interpreter_paths["tunvpn-trixie"] = str(shim)
@@ -332,7 +342,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "openvpn": contestants.setup_openvpn,
         "fastd": contestants.setup_fastd,
         **{key: (lambda lab, key=key, interp=interp: contestants.setup_tunvpn(lab, key, labels[key], interp))
-           for key, interp in interpreters.items()},
+           for key, interp in interpreters.items() if key not in LEVER_VARIANTS},
+        **{key: (lambda lab, key=key, offloads=offloads, what=what: contestants.setup_tunvpn(
+               lab, key, f"tunvpn, venv, {what}", interpreters[key], offloads))
+           for key, (offloads, what) in LEVER_VARIANTS.items() if key in interpreters},
     }
     if wireguard_go_trixie is not None:
         setups["wireguard-go-trixie"] = lambda lab: contestants.setup_wireguard_go_trixie(lab, wireguard_go_trixie)
