@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 from netlab import Host, LabError, LabTimeout, python_env, stop_process, wait_until
+from scaledclock import SCALE_VARIABLE
 
 START_TIMEOUT = 10.0
+SCALED_CLOCK = Path(__file__).resolve().parent / "scaledclock.py"
 
 
 class Tunvpn:
@@ -24,13 +26,15 @@ class Tunvpn:
 
     def __init__(self, host: Host, role: str, config_text: str, name: str | None = None,
                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, time_scale: float | None = None) -> None:
+        """`time_scale` runs the daemon on a clock that fast (tests/scaledclock.py)."""
         self.host = host
         self.python = python or sys.executable  # another interpreter runs it on other library versions
         self.env = env or {}
         self.role = role
         self.name = name or role
         self.extra_args = extra_args
+        self.time_scale = time_scale
         self._dir = Path(tempfile.mkdtemp(prefix="tunvpn-test-"))
         host.lab.add_cleanup(self._remove_files)
         self.config_path = self._dir / f"{self.name}.conf"
@@ -57,12 +61,16 @@ class Tunvpn:
         return "tv-" + self.name[:12]
 
     def start(self, wait: bool = True) -> Tunvpn:
-        cmd = [self.python, "-m", "tunvpn", self.role, "-c", str(self.config_path),
+        entry = ["-m", "tunvpn"] if self.time_scale is None else [str(SCALED_CLOCK)]
+        cmd = [self.python, *entry, self.role, "-c", str(self.config_path),
                "--log-level", "debug", "--control-socket", str(self.control_socket), *self.extra_args]
         if self.role == "server":
             cmd += ["--state-dir", str(self.state_dir)]
         self.lines = []
-        self.process = self.host.popen(cmd, env=python_env() | self.env, stdout=subprocess.PIPE,
+        env = python_env() | self.env
+        if self.time_scale is not None:
+            env[SCALE_VARIABLE] = str(self.time_scale)
+        self.process = self.host.popen(cmd, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._collect, args=(self.process,), daemon=True).start()
         if wait:

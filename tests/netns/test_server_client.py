@@ -76,7 +76,8 @@ Endpoint = {SERVER_UNDERLAY}:51820
 
 
 def build_office(lab: Lab, clients: tuple[str, ...] = ("client1", "client2"), stock: bool = True,
-                 client_to_client: bool = False) -> Office:
+                 client_to_client: bool = False, time_scale: float | None = None) -> Office:
+    """`time_scale` runs the tunvpn daemons on a clock that fast (tests/scaledclock.py)."""
     wan = lab.add_switch("wan")
     server_host = lab.add_host("server")
     lanhost = lab.add_host("lanhost")
@@ -94,10 +95,12 @@ def build_office(lab: Lab, clients: tuple[str, ...] = ("client1", "client2"), st
         office.stock_host = lab.add_host("stock")
         lab.connect(office.stock_host, wan, ["192.0.2.13/24"])
         office.stock_key = genkey()
-    office.server = Tunvpn(server_host, "server", office.server_config(list(clients), client_to_client)).start()
+    office.server = Tunvpn(server_host, "server", office.server_config(list(clients), client_to_client),
+                           time_scale=time_scale).start()
     for name in clients:
         office.clients[name] = Tunvpn(office.client_hosts[name], "client",
-                                      client_config(office.client_keys[name], office.server_key), name=name).start()
+                                      client_config(office.client_keys[name], office.server_key), name=name,
+                                      time_scale=time_scale).start()
     if stock:
         office.stock = StockWireGuard(office.stock_host, lab.unique_ifname("wg"), office.stock_key)
         lab.add_cleanup(office.stock.close)
