@@ -26,7 +26,7 @@ from .state import State, StateStore, endpoint_from_text, endpoint_to_text
 
 log = logging.getLogger("tunvpn")
 
-STATE_SAVE_DELAY = 1.0  # endpoints change in bursts when clients roam: save at most this often
+STATE_SAVE_DELAY = 1.0  # endpoints and leases change in bursts (roaming, a restart): save at most this often
 STATE_RETRY_DELAY = 5.0  # a save that failed (disk full, read-only) is tried again this often until it works
 REQUESTS_PER_PEER_INTERVAL = 0.2  # a peer asking more often than this is ignored (and counted)
 INVITE_HOLD = "invite_peer"  # the drop reason of an invite's packets: it may enroll and nothing else
@@ -163,7 +163,9 @@ class Server(Daemon):
             lease = self._lease(public_key, families)
             if lease != before:
                 self.state.leases[public_key] = lease
-                self._schedule_save(0.0)
+                # Batched like endpoints: thousands of clients connecting at once cost one save a
+                # second, not one each (a client holds its pushed address and names it after a crash).
+                self._schedule_save(time.monotonic() + STATE_SAVE_DELAY)
                 for address in lease.addresses:
                     self.device.add_allowed_ip(public_key, _host_network(address))
                 log.info("peer %s: leased %s", short_key(public_key), _describe_lease(lease))
