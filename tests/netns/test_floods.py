@@ -62,9 +62,9 @@ replays = [bytes.fromhex(h) for h in json.loads(open(sys.argv[5]).read())] or [b
 seconds, rounds, mix, ports = float(sys.argv[6]), int(sys.argv[7]), json.loads(sys.argv[8]), int(sys.argv[9])
 rng = random.Random(12)
 src, dst = socket.inet_aton(own_ip), socket.inet_aton(server_ip)
-# An attacker elsewhere on the internet cannot take the server's CPU; on this box it takes what
-# the server and the clients leave (the kernel's forwarding of its datagrams included).
-os.nice(19)
+# An attacker elsewhere on the internet cannot take the server's CPU; on this box it yields to
+# the server and the clients (the kernel's forwarding of its datagrams is on its account).
+os.nice(10)
 
 def ip_udp(payload, sport):
     # The kernel fills in the IP checksum (IP_HDRINCL); a UDP checksum of 0 means none (IPv4).
@@ -103,7 +103,9 @@ for index in range(rounds):
         for _ in range(count):
             sent[kind] += send(*kinds[kind]())
     slot_end = start + (index + 1) * seconds / rounds
-    while time.monotonic() < slot_end:
+    minimum = 2  # x 32 per round: even a sender behind its schedule keeps the server under load
+    while minimum > 0 or time.monotonic() < slot_end:
+        minimum -= 1
         for _ in range(32):
             sent["valid_mac1"] += send(raw, valid[next_port])
             next_port = (next_port + 1) % ports
@@ -212,6 +214,7 @@ def test_floods_during_a_transfer_leave_it_intact_and_new_clients_connect(lab, t
     assert tunvpn_connect <= CONNECT_DEADLINE and outcome["stock"] <= CONNECT_DEADLINE, \
         (tunvpn_connect, outcome, office.clients["client2"].log())
     assert flood_was_running, "the clients must connect while the flood still runs"
+    office.clients["client2"].wait_log(r"is under load and sent a cookie", 1)  # it came in through a cookie
     assert "Traceback" not in office.server.log()
     assert rss_growth < RSS_GROWTH_LIMIT
 
