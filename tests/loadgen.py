@@ -231,6 +231,7 @@ class Worker:
         self.heap: list[tuple[float, int]] = []
         self.waiting = list(reversed(self.clients))  # not started yet, next at the end
         self.connecting: set[int] = set()
+        self.unfinished = {client.index for client in self.clients}  # not yet done: kept, not recounted each turn
         self.stopping = False
 
     def run(self) -> None:
@@ -245,8 +246,8 @@ class Worker:
         while not self.stopping and time.monotonic() < give_up:
             now = time.monotonic()
             self.start_more(now)
-            if not reported and (all(c.done for c in self.clients) or now >= connect_by):
-                say({"connected": sum(1 for c in self.clients if c.done)})
+            if not reported and (not self.unfinished or now >= connect_by):
+                say({"connected": len(self.clients) - len(self.unfinished)})
                 reported = True
             self.turn(now)
         say({"clients": [client.final_record() for client in self.clients]})
@@ -278,6 +279,8 @@ class Worker:
             if datagrams:
                 client.receive(datagrams, time.monotonic())
                 self.schedule(client)
+                if client.done:
+                    self.unfinished.discard(client.index)
         now = time.monotonic()
         while self.heap and self.heap[0][0] <= now:
             at, index = heapq.heappop(self.heap)
