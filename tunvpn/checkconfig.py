@@ -1,7 +1,9 @@
 """`tunvpn check-config`: validate a config without running it, for admins and for CI.
 
 It loads the file exactly as the daemon would, endpoint names resolved, so what passes here
-starts there (the state directory and the control socket are the daemon's business).
+starts there (the state directory and the control socket are the daemon's business). For a
+server it also reads the peers its clients enrolled (peers.d in the state directory) and warns
+of each file the server would skip; those never stop a server, so they do not fail the check.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import argparse
 import pwd
 import sys
 
-from .config import (INTERFACE_KEYS, MAX_CONFIG_BYTES, ROLES, ConfigError, Identity, guess_role, load_config, one_line,
-                     redact)
+from .config import (INTERFACE_KEYS, MAX_CONFIG_BYTES, ROLES, Config, ConfigError, Identity, guess_role, load_config,
+                     one_line, redact)
+from .peersdir import load_enrolled, peers_directory, with_enrolled
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -78,5 +81,19 @@ def run_check_config(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL_ERROR
     peers = len(config.peers)
-    print(one_line(f"{config.path}: OK ({config.role}, {peers} peer{'' if peers == 1 else 's'})"))
+    print(one_line(f"{config.path}: OK ({config.role}, {peers} peer{'' if peers == 1 else 's'}"
+                   f"{_enrolled_note(config, args.user)})"))
     return EXIT_OK
+
+
+def _enrolled_note(config: Config, identity: Identity | None) -> str:
+    """', N enrolled in DIR' for a server with enrolled peers; a warning per file it would skip."""
+    if config.role != "server" or not config.interface.state_directory:
+        return ""
+    directory = peers_directory(config.interface.state_directory)
+    enrolled, problems = load_enrolled(directory, identity)
+    merged, clashes = with_enrolled(config, enrolled)
+    for problem in (*problems, *clashes):
+        print(one_line(f"warning: {directory}: {problem}"), file=sys.stderr)
+    count = len(merged.peers) - len(config.peers)
+    return f", {count} enrolled in {directory}" if count or problems or clashes else ""

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .config import Config, ConfigError, PeerConfig, load_peer_file
+from .config import Config, ConfigError, Identity, PeerConfig, load_peer_file
 from .keys import encode_key
 
 PEERS_DIRECTORY = "peers.d"
@@ -31,8 +31,9 @@ def peer_file(directory: Path, name: str) -> Path:
     return directory / f"{name}{SUFFIX}"
 
 
-def load_enrolled(directory: Path) -> tuple[list[PeerConfig], list[str]]:
-    """Every enrolled peer, in file-name order; a broken file is skipped and named in the problems."""
+def load_enrolled(directory: Path, identity: Identity | None = None) -> tuple[list[PeerConfig], list[str]]:
+    """Every enrolled peer, in file-name order; a broken file is skipped and named in the problems.
+    The files are judged for a daemon running as `identity` (default: this process)."""
     try:
         names = sorted(entry.name for entry in os.scandir(directory)
                        if entry.name.endswith(SUFFIX) and not entry.name.startswith("."))
@@ -43,7 +44,7 @@ def load_enrolled(directory: Path) -> tuple[list[PeerConfig], list[str]]:
     peers, problems = [], []
     for name in names:
         try:
-            peers += load_peer_file(directory / name)
+            peers += load_peer_file(directory / name, identity)
         except ConfigError as exc:
             problems.append(f"skipped: {exc}")
     return peers, problems

@@ -78,3 +78,21 @@ def test_the_stock_config_is_what_wg_quick_reads():
 def test_invite_refuses_bad_arguments_before_asking_the_server(args, message, capsys, tmp_path):
     assert main(["invite", "--control-socket", str(tmp_path / "none.sock"), *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_check_config_counts_the_enrolled_peers_and_warns_of_skipped_files(tmp_path, capsys):
+    state = tmp_path / "state"
+    peers = state / "peers.d"
+    peers.mkdir(parents=True)
+    for name, text in (("laptop", f"[Peer]\nName = laptop\nPublicKey = {encode_key(SERVER)}\n"),
+                       ("broken", "[Peer]\nPublicKey = nope\n")):
+        (peers / f"{name}.conf").write_text(text)
+        os.chmod(peers / f"{name}.conf", 0o600)
+    config = tmp_path / "office.conf"
+    config.write_text(f"[Interface]\nPrivateKey = {encode_key(generate_private_key())}\nListenPort = 51820\n"
+                      f"Address = 203.0.113.1/24\nStateDirectory = {state}\n")
+    os.chmod(config, 0o600)
+    assert main(["check-config", "--role", "server", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{config}: OK (server, 0 peers, 1 enrolled in {peers})"
+    assert "broken.conf:2: PublicKey" in err and err.startswith("warning: ")
