@@ -27,6 +27,9 @@ _UDP = "udp"
 _SIGNALS = "signals"
 T = TypeVar("T")
 MAX_WAIT = 1.0  # wake at least this often, to refresh the wall clock and to notice stop requests
+# The daemon's tick and the services' expire() run at least this often, and not on every turn:
+# a turn that only moves packets would otherwise pay for them (tens of us each, per wakeup).
+HOUSEKEEPING_INTERVAL = 1.0
 
 
 class Service(Protocol):
@@ -73,7 +76,8 @@ class EventLoop:
         services: tuple[Service, ...] = (),
         faults: Faults | None = None,
     ) -> None:
-        """`on_tick(now)` runs every turn and returns the daemon's own next deadline."""
+        """`on_tick(now)` returns the daemon's own next deadline; it runs then, after a turn that
+        did more than move packets (events, signals, services), and at least once a second."""
         self.device = device
         self.tun = tun
         self.udp = udp
@@ -128,37 +132,55 @@ class EventLoop:
         selector.register(self._signal_r, selectors.EVENT_READ, _SIGNALS)
         for service in self.services:
             service.register(selector)
-        self.flush()
+        tick_due = self.flush()
+        tick_at = 0.0
+        expire_at = 0.0
         while self.stop_signal is None:
             now = time.monotonic()
             device.set_wall_clock(time.time(), now)
-            # After the last turn's events, which may set its deadlines.
-            tick_deadline = self._guarded("the daemon's timers", self.on_tick, now)
-            self._send()  # what the tick queued goes now, not after the wait
-            timeout = MAX_WAIT
-            for deadline in (device.get_timer(), tick_deadline):
-                if deadline is not None:
-                    timeout = min(timeout, max(0.0, deadline - now))
+            if tick_due or now >= tick_at:
+                # After the last turn's events, which may set its deadlines.
+                tick_at, tick_due = self._tick(now), False
+                self._send()  # what the tick queued goes now, not after the wait
+            wake_at = min(now + MAX_WAIT, tick_at)
+            protocol_deadline = device.get_timer()
+            if protocol_deadline is not None:
+                wake_at = min(wake_at, protocol_deadline)
+            timeout = max(0.0, wake_at - now)
             for key, mask in selector.select(timeout):
                 # try costs nothing until something raises (Python >= 3.11), so one per wakeup.
                 try:
                     if key.data is _TUN:
                         self._on_tun()
-                    elif key.data is _SIGNALS:
-                        self._handle_signals()
                     elif type(key.data) is tuple and key.data[0] is _UDP:
                         self._on_udp(key.data[1])
                     else:
-                        self._dispatch(key, mask)
+                        tick_due = True  # a signal, a control request or a helper's result: the daemon's turn
+                        if key.data is _SIGNALS:
+                            self._handle_signals()
+                        else:
+                            self._dispatch(key, mask)
                 except TunDeleted:
                     raise  # not one bad event: the tunnel is gone, so the daemon ends (and is restarted)
                 except Exception as exc:
                     self.faults.record(_place(key.data), exc)
             now = time.monotonic()
             self._guarded("the protocol timers", device.handle_timer, now)
-            for service in self.services:
-                self._guarded("a control socket client", service.expire, now)
-            self.flush()
+            if now >= expire_at:
+                expire_at = now + HOUSEKEEPING_INTERVAL
+                for service in self.services:
+                    self._guarded("a control socket client", service.expire, now)
+            if self.flush():
+                tick_due = True
+
+    def _tick(self, now: float) -> float:
+        """The daemon's timers; when they are due next (a failing tick is retried next turn)."""
+        try:
+            deadline = self.on_tick(now)
+        except Exception as exc:
+            self.faults.record("the daemon's timers", exc)
+            return now
+        return now + HOUSEKEEPING_INTERVAL if deadline is None else min(deadline, now + HOUSEKEEPING_INTERVAL)
 
     def _guarded(self, place: str, handler: Callable[..., T], *args: object) -> T | None:
         try:
@@ -188,14 +210,17 @@ class EventLoop:
                 # echo) is usually queued already: send it in this turn, not after another wait.
                 self._on_tun()
 
-    def flush(self) -> None:
-        """Hand the core's events on (their handlers may queue more), then send what it queued."""
+    def flush(self) -> bool:
+        """Hand the core's events on (their handlers may queue more), then send what it queued;
+        whether there were any."""
         device = self.device
         event = device.next_event()
+        handled = event is not None
         while event is not None:
             self._guarded(f"the {type(event).__name__} handler", self.on_event, event)
             event = device.next_event()
         self._send()
+        return handled
 
     def _send(self) -> None:
         datagrams = self.device.datagrams_to_send()
