@@ -11,13 +11,12 @@ peers directory beside the loop, so these commands wait until the change shows i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from .config import is_peer_name, parse_duration
 from .invitetoken import InviteToken, encode_token
-from .io.controlsocket import DEFAULT_RUN_DIR, ControlSocketError, default_socket_path, query
+from .io.controlsocket import DEFAULT_RUN_DIR, ControlSocketError, find_socket, query
 from .keys import decode_key, derive_public_key, encode_key, generate_preshared_key, generate_private_key
 
 EXIT_OK = 0
@@ -61,21 +60,8 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-socket", metavar="PATH", help="the server's control socket, instead of NAME")
 
 
-def _socket(args: argparse.Namespace, run_dir: str = DEFAULT_RUN_DIR) -> str:
-    if args.control_socket:
-        return args.control_socket
-    if args.server:
-        if "/" in args.server or args.server.startswith("."):
-            raise InviteError(f"invalid NAME {args.server!r}: a config name, like office for /etc/tunvpn/office.conf")
-        return default_socket_path(args.server, run_dir)
-    try:
-        sockets = sorted(entry.name for entry in os.scandir(run_dir) if entry.name.endswith(".sock"))
-    except OSError:
-        sockets = []
-    if len(sockets) != 1:
-        raise InviteError("name the server: " + ("no tunvpn daemon is running" if not sockets
-                                                   else f"{len(sockets)} daemons are running"))
-    return os.path.join(run_dir, sockets[0])
+def _socket(args: argparse.Namespace) -> str:
+    return find_socket(args.server, args.control_socket, "server")
 
 
 def _ask(path: str, request: dict) -> dict:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
 import time
 
-from .io.controlsocket import DEFAULT_RUN_DIR, ControlSocketError, default_socket_path, query
+from .io.controlsocket import DEFAULT_RUN_DIR, ControlSocketError, find_socket, query
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -44,23 +43,6 @@ class _LoginError(Exception):
     pass
 
 
-def _socket(args: argparse.Namespace, run_dir: str) -> str:
-    if args.control_socket:
-        return args.control_socket
-    if args.name:
-        if "/" in args.name or args.name.startswith("."):
-            raise _LoginError(f"invalid NAME {args.name!r}: a config name, like office for /etc/tunvpn/office.conf")
-        return default_socket_path(args.name, run_dir)
-    try:
-        sockets = sorted(entry.name for entry in os.scandir(run_dir) if entry.name.endswith(".sock"))
-    except OSError:
-        sockets = []
-    if len(sockets) != 1:
-        raise _LoginError("name the client: " + ("no tunvpn daemon is running" if not sockets
-                                                   else f"{len(sockets)} daemons are running"))
-    return os.path.join(run_dir, sockets[0])
-
-
 def _read_code(args: argparse.Namespace) -> str:
     if args.code is not None:
         return args.code.strip()
@@ -82,7 +64,7 @@ def _wait_for_answer(path: str, attempt: int) -> dict:
 
 def run_login(args: argparse.Namespace, run_dir: str = DEFAULT_RUN_DIR) -> int:
     try:
-        path = _socket(args, run_dir)
+        path = find_socket(args.name, args.control_socket, "client", run_dir)
         code = _read_code(args)
         if not code:
             raise _LoginError("no code given")

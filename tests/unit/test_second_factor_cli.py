@@ -12,6 +12,7 @@ import pytest
 from configfiles import conf, write
 from tunvpn import login as login_module
 from tunvpn.cli import main
+from tunvpn.io.controlsocket import ControlSocketError, find_socket
 from tunvpn.config import load_config
 from tunvpn.keys import derive_public_key, encode_key, generate_private_key
 from tunvpn.totp import decode_secret
@@ -100,12 +101,16 @@ def test_login_without_an_answer_says_so(monkeypatch, capsys):
     assert "no answer from the server" in capsys.readouterr().err
 
 
-def test_login_names_the_only_daemon_or_asks_for_a_name(tmp_path, monkeypatch, capsys):
-    args = login_module.register_login_parser(__import__("argparse").ArgumentParser().add_subparsers()).parse_args([])
-    with pytest.raises(login_module._LoginError, match="no tunvpn daemon"):
-        login_module._socket(args, str(tmp_path))
+def test_login_and_invite_find_the_only_daemon_or_ask_for_a_name(tmp_path):
+    for what in ("client", "server"):
+        with pytest.raises(ControlSocketError, match=f"name the {what}: no tunvpn daemon"):
+            find_socket(None, None, what, str(tmp_path))
     (tmp_path / "office.sock").touch()
-    assert login_module._socket(args, str(tmp_path)) == str(tmp_path / "office.sock")
+    assert find_socket(None, None, "client", str(tmp_path)) == str(tmp_path / "office.sock")
+    assert find_socket("home", None, "client", str(tmp_path)) == str(tmp_path / "home.sock")
+    assert find_socket("home", "/x.sock", "client", str(tmp_path)) == "/x.sock"
+    with pytest.raises(ControlSocketError, match="invalid NAME"):
+        find_socket("../etc", None, "server", str(tmp_path))
     (tmp_path / "home.sock").touch()
-    with pytest.raises(login_module._LoginError, match="2 daemons"):
-        login_module._socket(args, str(tmp_path))
+    with pytest.raises(ControlSocketError, match="2 daemons"):
+        find_socket(None, None, "server", str(tmp_path))

@@ -49,6 +49,30 @@ def default_socket_path(name: str, run_dir: str = DEFAULT_RUN_DIR) -> str:
     return os.path.join(run_dir, f"{name}.sock")
 
 
+def find_socket(name: str | None, control_socket: str | None, what: str, run_dir: str = DEFAULT_RUN_DIR) -> str:
+    """The socket a command talks to: --control-socket, NAME's, or the only daemon's.
+
+    `what` names the daemon in the error when there is not exactly one ("name the client: ...").
+    """
+    if control_socket:
+        return control_socket
+    if name:
+        if "/" in name or name.startswith("."):
+            raise ControlSocketError(f"invalid NAME {name!r}: a config name, like office for /etc/tunvpn/office.conf")
+        return default_socket_path(name, run_dir)
+    try:
+        sockets = sorted(entry.name for entry in os.scandir(run_dir) if entry.name.endswith(".sock"))
+    except FileNotFoundError:
+        sockets = []
+    except OSError as exc:
+        raise ControlSocketError(f"cannot list {run_dir}: {exc.strerror or exc} (the control sockets are root-only)"
+                                 ) from None
+    if len(sockets) != 1:
+        raise ControlSocketError(f"name the {what}: " + ("no tunvpn daemon is running" if not sockets
+                                                         else f"{len(sockets)} daemons are running"))
+    return os.path.join(run_dir, sockets[0])
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
