@@ -101,13 +101,13 @@ def is_echo_reply(packet: bytes) -> bool:
 class SimulatedClient:
     """One client: its Device, its socket, and where it is in connecting."""
 
-    def __init__(self, index: int, private_key: bytes, spec: dict, go: float) -> None:
+    def __init__(self, index: int, private_key: bytes, spec: dict) -> None:
         self.index = index
         self.server_key = decode_key(spec["server_key"])
         self.endpoint = (spec["server"][0], spec["server"][1])
         self.target = ipaddress.ip_address(spec["target"]).packed
         self.ping_count = spec["pings"]
-        self.go = go
+        self.go = 0.0  # the monotonic time the parent said go: records are relative to it
         self.device = Device(private_key, load_threshold=NO_CLIENT_LOAD_LIMIT)
         self.device.set_control_messages(True)
         self.device.set_peer(self.server_key, endpoint=self.endpoint)
@@ -218,10 +218,8 @@ class Worker:
 
     def __init__(self, spec: dict) -> None:
         self.spec = spec
-        self.go = time.monotonic()
-        self.clients = [SimulatedClient(spec["first_index"] + i, decode_key(key), spec, self.go)
+        self.clients = [SimulatedClient(spec["first_index"] + i, decode_key(key), spec)
                         for i, key in enumerate(spec["keys"])]
-        self.by_fd = {client.sock.fileno(): client for client in self.clients}
         self.selector = selectors.EpollSelector()
         for client in self.clients:
             self.selector.register(client.sock, selectors.EVENT_READ, client)
@@ -237,11 +235,11 @@ class Worker:
     def run(self) -> None:
         say({"ready": len(self.clients)})
         self.wait_for("go")
-        self.go = time.monotonic()
+        go = time.monotonic()
         for client in self.clients:
-            client.go = self.go
-        connect_by = self.go + self.spec["connect_deadline"]
-        give_up = self.go + self.spec["deadline"]
+            client.go = go
+        connect_by = go + self.spec["connect_deadline"]
+        give_up = go + self.spec["deadline"]
         reported = False
         while not self.stopping and time.monotonic() < give_up:
             now = time.monotonic()
