@@ -44,6 +44,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from packets import internet_checksum  # noqa: E402
 
 from tunvpn.keys import decode_key, encode_key  # noqa: E402
 from tunvpn.protocol import control  # noqa: E402
@@ -77,20 +80,11 @@ class Record:
         return self.tx_packets - self.requests - self.pings
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def echo_request(source: bytes, destination: bytes, ident: int, sequence: int) -> bytes:
     """An IPv6 ICMPv6 echo request with a correct checksum (the server's kernel answers it)."""
     body = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, sequence) + ECHO_PAYLOAD
     pseudo = source + destination + struct.pack("!I3xB", len(body), ICMPV6)
-    body = body[:2] + struct.pack("!H", _checksum(pseudo + body)) + body[4:]
+    body = body[:2] + struct.pack("!H", internet_checksum(pseudo + body)) + body[4:]
     return struct.pack("!IHBB", 6 << 28, len(body), ICMPV6, 64) + source + destination + body
 
 
