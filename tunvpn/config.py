@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
+from .invitetoken import MAX_ENDPOINTS
 from .keys import decode_key, derive_public_key, encode_key
 from .protocol.control import MAX_DNS_SERVERS, MAX_ROUTES, MAX_SEARCH_DOMAINS, ConfigPush, ControlError, encode
 from .protocol.device import DEFAULT_MTU
@@ -81,6 +82,8 @@ class InterfaceConfig:
     metrics_file: str | None = None
     # server: how long an accepted second factor authorizes a peer without its own TOTPSession
     totp_session: int | None = None
+    # server: where clients reach it ("host:port", "[v6]:port"), what `tunvpn invite` hands out
+    public_endpoints: list[str] = field(default_factory=list)
 
     def pool_subnet(self, version: int) -> IPInterface | None:
         """The server Address whose subnet holds the pool: pushed addresses take its prefix length."""
@@ -609,7 +612,18 @@ def _check_host(host: str, endpoint: str) -> None:
         raise ValueError(f"{endpoint}: '{host}' is neither an IPv4 address nor a DNS name")
 
 
-def _parse_endpoint(value: str, ctx: _Context) -> tuple[str, int]:
+def _parse_public_endpoints(value: str, ctx: _Context) -> list[str]:
+    """A server's Endpoint: HOST:PORT entries, each checked as a client's Endpoint is, kept as text."""
+    return [public_endpoint(item) for item in _list_items(value, r"[,\s]+")]
+
+
+def public_endpoint(value: str) -> str:
+    """HOST:PORT or [IPV6]:PORT as an invite carries it; ValueError saying what is wrong."""
+    host, port = _parse_endpoint(value, None)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_endpoint(value: str, ctx: _Context | None) -> tuple[str, int]:
     """HOST:PORT or [IPV6]:PORT; the host stays unresolved here."""
     if not value:
         raise ValueError("empty; expected host:port")
@@ -713,6 +727,8 @@ INTERFACE_KEYS: tuple[Key, ...] = (
     Key("MetricsListen", "metrics_listen", _parse_metrics_listen),
     Key("MetricsFile", "metrics_file", _parse_metrics_file),
     Key("TOTPSession", "totp_session", _parse_duration, default=_server_default(DEFAULT_TOTP_SESSION), roles=SERVER),
+    Key("Endpoint", "public_endpoints", _parse_public_endpoints, repeats=True, roles=SERVER,
+        wrong_role_hint="a client's Endpoint goes in its [Peer]"),
 )
 
 PEER_KEYS: tuple[Key, ...] = (
@@ -1011,8 +1027,10 @@ def _build_interface(section: _Section, ctx: _Context) -> InterfaceConfig:
         line, key = section.where("mtu")
         raise ConfigError(ctx.path, line, key, str(exc)) from None
     values["pools"] = _build_pools(section, ctx)
-    for attr in ("push_routes", "push_dns", "dns"):
+    for attr in ("push_routes", "push_dns", "dns", "public_endpoints"):
         _check_unique(section, attr, ctx)
+    _check_count(section, "public_endpoints", str, MAX_ENDPOINTS, "Endpoint entries; an invite carries that many",
+                 ctx)
     # The server's own subnets travel as routes too, so they count against the push's route limit.
     subnet_count = len(server_subnets(values["addresses"])) if ctx.role == "server" else 0
     _check_count(section, "push_routes", object, MAX_ROUTES - subnet_count,

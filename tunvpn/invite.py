@@ -14,8 +14,8 @@ import argparse
 import sys
 import time
 
-from .config import is_peer_name, parse_duration
-from .invitetoken import InviteToken, encode_token
+from .config import is_peer_name, parse_duration, public_endpoint
+from .invitetoken import MAX_ENDPOINTS, InviteToken, encode_token
 from .io.controlsocket import DEFAULT_RUN_DIR, ControlSocketError, find_socket, query
 from .keys import decode_key, derive_public_key, encode_key, generate_preshared_key, generate_private_key
 
@@ -35,8 +35,9 @@ def register_invite_parsers(subparsers: argparse._SubParsersAction) -> None:
     invite = subparsers.add_parser("invite", help="let a new client join with one command (tunvpn join)")
     _server_arguments(invite)
     invite.add_argument("--name", required=True, metavar="PEER", help="the new peer's name on the server")
-    invite.add_argument("--endpoint", action="append", required=True, metavar="HOST:PORT",
-                        help="where clients reach this server (repeat for more than one)")
+    invite.add_argument("--endpoint", action="append", default=[], metavar="HOST:PORT",
+                        help="where clients reach this server (repeat for more than one; "
+                             "default: the Endpoint lines of the server's [Interface])")
     invite.add_argument("--expires", default="24h", metavar="DURATION",
                         help="how long the invite is valid, like 30m, 24h or 7d (default %(default)s)")
     invite.add_argument("--uses", type=int, default=1, metavar="N", help="clients it may enroll (default 1)")
@@ -94,41 +95,45 @@ def _print_qr(text: str) -> None:
     code.print_ascii(out=sys.stdout, invert=True)
 
 
-def _check_endpoints(endpoints: list[str]) -> None:
-    for endpoint in endpoints:
-        host, colon, port = endpoint.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise InviteError(f"--endpoint {endpoint!r} is not HOST:PORT (an IPv6 address in brackets)")
+def _checked_endpoints(endpoints: list[str]) -> list[str]:
+    """--endpoint as the server's Endpoint key takes it, checked before the server makes the invite."""
+    if len(endpoints) > MAX_ENDPOINTS:
+        raise InviteError(f"--endpoint: an invite carries at most {MAX_ENDPOINTS}")
+    try:
+        return [public_endpoint(endpoint) for endpoint in endpoints]
+    except ValueError as exc:
+        raise InviteError(f"--endpoint {exc}") from None
 
 
 def run_invite(args: argparse.Namespace) -> int:
     try:
         if not is_peer_name(args.name):
             raise InviteError(f"--name {args.name!r}: 1-64 letters, digits and . _ @ + -, starting with one of the first two")
-        _check_endpoints(args.endpoint)
+        endpoints = _checked_endpoints(args.endpoint)
+        try:
+            lifetime = parse_duration(args.expires)
+        except ValueError as exc:
+            print(f"tunvpn invite: --expires: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         path = _socket(args)
         if args.stock:
-            _stock_invite(path, args)
+            _stock_invite(path, args, endpoints)
         else:
-            _join_invite(path, args)
-    except ValueError as exc:
-        print(f"tunvpn invite: --expires: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+            _join_invite(path, args, endpoints, lifetime)
     except (InviteError, ControlSocketError) as exc:
         print(f"tunvpn invite: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
-def _join_invite(path: str, args: argparse.Namespace) -> None:
-    lifetime = parse_duration(args.expires)
+def _join_invite(path: str, args: argparse.Namespace, endpoints: list[str], lifetime: int) -> None:
     private, preshared = generate_private_key(), generate_preshared_key()
     answer = _ask(path, {"command": "invite", "name": args.name, "lifetime": lifetime, "uses": args.uses,
                          "public_key": encode_key(derive_public_key(private)),
-                         "preshared_key": encode_key(preshared)})
+                         "preshared_key": encode_key(preshared), "endpoints": endpoints})
     server_name = answer["name"] if is_peer_name(answer["name"]) else "tunvpn"
     token = encode_token(InviteToken(decode_key(answer["public_key"]), private, preshared,
-                                     int(answer["invite"]["expires"]), server_name, tuple(args.endpoint)))
+                                     int(answer["invite"]["expires"]), server_name, tuple(answer["endpoints"])))
     line = f"tunvpn join {token}"
     print(line)
     if args.qr:
@@ -138,12 +143,12 @@ def _join_invite(path: str, args: argparse.Namespace) -> None:
           f"hand it over a channel you trust. `tunvpn revoke {args.name}` cancels it.", file=sys.stderr)
 
 
-def _stock_invite(path: str, args: argparse.Namespace) -> None:
+def _stock_invite(path: str, args: argparse.Namespace, endpoints: list[str]) -> None:
     private, preshared = generate_private_key(), generate_preshared_key()
     answer = _ask(path, {"command": "add-peer", "name": args.name, "public_key": encode_key(derive_public_key(private)),
-                         "preshared_key": encode_key(preshared)})
+                         "preshared_key": encode_key(preshared), "endpoints": endpoints})
     _wait_for(path, args.name, present=True)
-    text = wg_quick_config(answer, private, preshared, args.endpoint[0])
+    text = wg_quick_config(answer, private, preshared, answer["endpoints"][0])
     print(text, end="")
     if args.qr:
         _print_qr(text)

@@ -10,11 +10,12 @@ import math
 import time
 from pathlib import Path
 
-from .config import Config, PeerConfig, is_peer_name, load_config, server_subnets
+from .config import Config, PeerConfig, is_peer_name, load_config, public_endpoint, server_subnets
 from .daemon import Daemon, IPNetwork, Options, PeerLogLimit, refused_note, short_key
 from .gate import PeerGate
 from .invites import (DEFAULT_LIFETIME, MAX_LIFETIME, MAX_OPEN_INVITES, MAX_USES, EnrollmentLimit, Invite,
                       load_invites, save_invites)
+from .invitetoken import MAX_ENDPOINTS
 from .keys import InvalidKey, decode_key, encode_key
 from .peersdir import load_enrolled, peer_file, peer_text, peers_directory, remove_peer_file, with_enrolled, write_peer_file
 from .pool import AddressPool, Lease, PoolExhausted
@@ -463,6 +464,9 @@ class Server(Daemon):
             return {"error": f"bad invite request: {exc}"}
         if not 1 <= lifetime <= MAX_LIFETIME or not 1 <= uses <= MAX_USES:
             return {"error": f"an invite lasts 1 to {MAX_LIFETIME} s and has 1 to {MAX_USES} uses"}
+        endpoints = self._public_endpoints(request)
+        if isinstance(endpoints, str):
+            return {"error": endpoints}
         if not is_peer_name(Invite(public_key, preshared_key, name, 0, 0, uses).peer_name(uses - 1)):
             return {"error": f"{name}-{uses} (the name of its last peer) is longer than a name may be"}
         if len(self.invites) >= MAX_OPEN_INVITES:
@@ -477,7 +481,23 @@ class Server(Daemon):
         log.info("invite %s: created for %d use(s), valid until %s (invite key %s)", name, uses,
                  _utc(invite.expires), short_key(public_key))
         return {"name": self.config.name, "public_key": encode_key(self.device.public_key),
-                "invite": _invite_status(invite)}
+                "invite": _invite_status(invite), "endpoints": endpoints}
+
+    def _public_endpoints(self, request: dict) -> list[str] | str:
+        """The request's endpoints (--endpoint), else the config's Endpoint; a str says why neither works."""
+        given = request.get("endpoints") or []
+        if not isinstance(given, list) or not all(isinstance(e, str) for e in given):
+            return "bad request: endpoints is a list of HOST:PORT"
+        try:
+            endpoints = [public_endpoint(e) for e in given] or list(self.config.interface.public_endpoints)
+        except ValueError as exc:
+            return f"endpoint {exc}"
+        if not endpoints:
+            return (f"where do clients reach this server? Give --endpoint HOST:PORT, or set Endpoint in the "
+                    f"[Interface] of {self.config.path}")
+        if len(endpoints) > MAX_ENDPOINTS:
+            return f"an invite carries at most {MAX_ENDPOINTS} endpoints"
+        return endpoints
 
     def _invite_control(self, invite_key: bytes, message, now: float) -> None:
         if isinstance(message, control.EnrollRequest):
@@ -590,6 +610,9 @@ class Server(Daemon):
             return {"error": f"bad request: {exc}"}
         if self._name_taken(name) or self._key_taken(public_key):
             return {"error": f"a peer or invite named {name} (or with that key) exists already; choose another --name"}
+        endpoints = self._public_endpoints(request)
+        if isinstance(endpoints, str):
+            return {"error": endpoints}
         try:
             lease = self._lease(public_key, list(self.pool.subnets))  # held until the peer is applied
         except PoolExhausted as exc:
@@ -604,7 +627,7 @@ class Server(Daemon):
                 "addresses": [str(net) for net in allowed],
                 "routes": [str(net) for net in (*self._subnets(), *interface.push_routes)],
                 "dns": [str(a) for a in interface.push_dns], "mtu": interface.mtu,
-                "keepalive": interface.push_keepalive}
+                "keepalive": interface.push_keepalive, "endpoints": endpoints}
 
     def _stock_peer_written(self, peer: PeerConfig, error: BaseException | None) -> None:
         if error is not None:

@@ -483,6 +483,14 @@ def test_push_keepalive_range(written: str, expected: int, tmp_path: Path, keys:
     assert parse_config(text, str(tmp_path / "wg0.conf"), role="server").interface.push_keepalive == expected
 
 
+def test_server_endpoint_lists_where_clients_reach_it(tmp_path: Path, keys: Keys) -> None:
+    lines = (*SERVER_V4, "Endpoint = vpn.example.net:51820, 192.0.2.1:51820", "endpoint = [2001:DB8::1]:443")
+    interface = parse_config(conf(*lines).format(**keys.placeholders()), str(tmp_path / "wg0.conf"), role="server").interface
+    assert interface.public_endpoints == ["vpn.example.net:51820", "192.0.2.1:51820", "[2001:DB8::1]:443"]
+    plain = parse_config(conf(*SERVER_V4).format(**keys.placeholders()), str(tmp_path / "wg0.conf"), role="server")
+    assert plain.interface.public_endpoints == []
+
+
 @pytest.mark.parametrize("addresses, pool_line, expected", [
     # the server's own address may lie inside: the pool skips it
     ("203.0.113.1/24", "Pool = 203.0.113.1-203.0.113.10", {4: ("203.0.113.1", "203.0.113.10")}),
@@ -552,6 +560,7 @@ def test_the_largest_push_that_fits(tmp_path: Path, keys: Keys) -> None:
     (("[Interface]", "ListenPort = 51820", "ClientToClient = no"), "server"),
     (("[Interface]", "StateDirectory = /x", "[Peer]", "Endpoint = 192.0.2.1:1"), "server"),
     (("[Interface]", "PushKeepalive = 25"), "server"),
+    (("[Interface]", "Endpoint = vpn.example.net:51820"), "server"),
     (("[Interface]", "PushDNS = 192.0.2.53"), "server"),
     (("[Interface]", "ListenPort = 51820", "DNS = 192.0.2.53"), "client"),  # DNS beats ListenPort
     (("[Interface]", "ListenPort = 51820"), "server"),
@@ -598,7 +607,7 @@ BROKEN = [
     ),
     broken("wg-quick-key-lowercase", INTERFACE + ("postup = iptables -A FORWARD",), 3, "postup",
            "tunvpn does not support this wg-quick key; remove it"),
-    broken("peer-key-in-interface", INTERFACE + ("Endpoint = 192.0.2.1:51820",), 3, "Endpoint",
+    broken("peer-key-in-interface", INTERFACE + ("PersistentKeepalive = 25",), 3, "PersistentKeepalive",
            "belongs in [Peer], not [Interface]"),
     broken("interface-key-in-peer", INTERFACE + ("[Peer]", "PublicKey = {pub1}", "ListenPort = 1"), 5, "ListenPort",
            "belongs in [Interface], not [Peer]"),
@@ -884,6 +893,20 @@ BROKEN = [
            "'65536' is neither off nor 0-65535 seconds"),
     broken("push-keepalive-word", SERVER_V4 + ("PushKeepalive = often",), 4, "PushKeepalive",
            "'often' is neither off nor 0-65535 seconds"),
+    # -- a server's Endpoint
+    broken("server-endpoint-no-port", SERVER_V4 + ("Endpoint = vpn.example.net",), 4, "Endpoint",
+           "vpn.example.net: missing :port"),
+    broken("server-endpoint-bad-port", SERVER_V4 + ("Endpoint = 192.0.2.1:51820, 192.0.2.2:0",), 4, "Endpoint",
+           "192.0.2.2:0: port must be 1-65535"),
+    broken("server-endpoint-v6-unbracketed", SERVER_V4 + ("Endpoint = 2001:db8::1:51820",), 4, "Endpoint",
+           "2001:db8::1:51820: an IPv6 address needs brackets, like [2001:db8::1]:51820"),
+    broken("server-endpoint-twice", SERVER_V4 + ("Endpoint = vpn.example.net:1", "Endpoint = VPN.example.net:1"),
+           5, "Endpoint", "VPN.example.net:1 is listed twice (first on line 4)"),
+    broken("server-endpoint-nine", SERVER_V4 + ("Endpoint = " + " ".join(f"192.0.2.{n}:1" for n in range(1, 9)),
+                                                 "Endpoint = 192.0.2.9:1"),
+           5, "Endpoint", "more than 8 Endpoint entries; an invite carries that many"),
+    broken("server-endpoint-on-client", INTERFACE + ("Endpoint = 192.0.2.1:51820",), 3, "Endpoint",
+           "is a server setting, not for a client; a client's Endpoint goes in its [Peer]", role="client"),
     # -- client DNS
     broken("client-dns-bad-domain", INTERFACE + ("DNS = 192.0.2.53, bad_domain!",), 3, "DNS",
            "'bad_domain!' is neither an IP address nor a DNS search domain", role="client"),

@@ -30,11 +30,11 @@ def new_key() -> bytes:
 class Harness:
     """A server whose wall clock and outgoing control messages the test holds; its state in tmp_path."""
 
-    def __init__(self, tmp_path: Path, wall: float = START) -> None:
+    def __init__(self, tmp_path: Path, wall: float = START, endpoint: str = "Endpoint = vpn.example.net:51820") -> None:
         self.tmp_path = tmp_path
         self.wall = wall
         self.sent: list[tuple[bytes, object]] = []
-        text = (f"[Interface]\nPrivateKey = {encode_key(SERVER_KEY)}\nAddress = 203.0.113.1/24\n"
+        text = (f"[Interface]\nPrivateKey = {encode_key(SERVER_KEY)}\nAddress = 203.0.113.1/24\n{endpoint}\n"
                 f"PushRoute = 198.51.100.0/24\n\n[Peer]\nName = alice\nPublicKey = {encode_key(ALICE)}\n")
         path = tmp_path / "office.conf"
         path.write_text(text)
@@ -68,6 +68,29 @@ class Harness:
 @pytest.fixture
 def harness(tmp_path: Path) -> Harness:
     return Harness(tmp_path)
+
+
+def _invite_request(**fields) -> dict:
+    return {"command": "invite", "name": "laptop", "public_key": encode_key(new_key()),
+            "preshared_key": encode_key(generate_preshared_key()), **fields}
+
+
+def test_an_invite_carries_the_configured_endpoint_unless_the_request_names_others(harness):
+    assert harness.server.handle_request(_invite_request())["endpoints"] == ["vpn.example.net:51820"]
+    given = harness.server.handle_request(_invite_request(name="phone", endpoints=["[2001:db8::1]:443"]))
+    assert given["endpoints"] == ["[2001:db8::1]:443"]
+    stock = {**_invite_request(name="tablet"), "command": "add-peer"}
+    assert harness.server.handle_request(stock)["endpoints"] == ["vpn.example.net:51820"]
+
+
+@pytest.mark.parametrize("command", ["invite", "add-peer"])
+def test_without_an_endpoint_anywhere_nothing_is_made(tmp_path, command):
+    harness = Harness(tmp_path, endpoint="")
+    answer = harness.server.handle_request({**_invite_request(), "command": command})
+    assert "--endpoint" in answer["error"] and "Endpoint in the [Interface]" in answer["error"]
+    bad = harness.server.handle_request({**_invite_request(endpoints=["vpn.example.net"]), "command": command})
+    assert "missing :port" in bad["error"]
+    assert harness.server.invites == {} and harness.names() == {"alice"} and harness.server.pool.usage()[4][1] == 0
 
 
 def test_an_invite_is_a_held_peer_without_allowed_ips(harness):

@@ -11,7 +11,7 @@ import pytest
 from tunvpn.cli import main
 from tunvpn.config import parse_config
 from tunvpn.invite import wg_quick_config
-from tunvpn.invitetoken import InviteToken, encode_token
+from tunvpn.invitetoken import InviteToken, decode_token, encode_token
 from tunvpn.join import client_config
 from tunvpn.keys import derive_public_key, encode_key, generate_preshared_key, generate_private_key
 
@@ -73,11 +73,27 @@ def test_the_stock_config_is_what_wg_quick_reads():
 
 @pytest.mark.parametrize("args, message", [
     (["--name", "../x", "--endpoint", "192.0.2.1:51820"], "--name"),
-    (["--name", "laptop", "--endpoint", "vpn.example.org"], "not HOST:PORT"),
+    (["--name", "laptop", "--endpoint", "vpn.example.org"], "--endpoint vpn.example.org: missing :port"),
+    (["--name", "laptop", *[a for n in range(1, 10) for a in ("--endpoint", f"192.0.2.{n}:1")]], "at most 8"),
 ])
 def test_invite_refuses_bad_arguments_before_asking_the_server(args, message, capsys, tmp_path):
     assert main(["invite", "--control-socket", str(tmp_path / "none.sock"), *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_invite_without_endpoint_takes_the_servers_and_puts_it_in_the_line(monkeypatch, capsys):
+    asked = []
+
+    def query(path, request):
+        asked.append(request)
+        return {"name": "office", "public_key": encode_key(SERVER), "endpoints": ["vpn.example.net:51820"],
+                "invite": {"expires": int(time.time()) + 60}}
+
+    monkeypatch.setattr("tunvpn.invite.query", query)
+    assert main(["invite", "--control-socket", "/run/x.sock", "--name", "laptop"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert asked[0]["endpoints"] == [] and line.startswith("tunvpn join ")
+    assert decode_token(line.split()[2]).endpoints == ("vpn.example.net:51820",)
 
 
 def test_check_config_counts_the_enrolled_peers_and_warns_of_skipped_files(tmp_path, capsys):
