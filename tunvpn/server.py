@@ -58,6 +58,7 @@ class Server(Daemon):
         self._sync_second_factor()
         self.invites: dict[bytes, Invite] = {}
         self._enrolling: set[bytes] = set()  # invites whose new peer is being written to disk
+        self._writing: dict[bytes, str] = {}  # key -> name of each peer whose file is being written
         self.enroll_limit = EnrollmentLimit()
         self._peer_journal: list[_PeerChange] = []
         self._invites_save_failing = False
@@ -447,11 +448,12 @@ class Server(Daemon):
             raise error
 
     def _name_taken(self, name: str) -> bool:
-        return any(peer.name == name for peer in self.config.peers) or any(
+        return any(peer.name == name for peer in self.config.peers) or name in self._writing.values() or any(
             invite.peer_name(index) == name for invite in self.invites.values() for index in range(invite.uses))
 
     def _key_taken(self, public_key: bytes) -> bool:
-        return public_key in self._configured or public_key in self.invites or public_key == self.device.public_key
+        return (public_key in self._configured or public_key in self.invites or public_key in self._writing
+                or public_key == self.device.public_key)
 
     def _create_invite(self, request: dict) -> dict:
         """`tunvpn invite`: the CLI made the key pair and sends the public key and PSK only."""
@@ -564,10 +566,13 @@ class Server(Daemon):
             request.request_id, EnrollState.ACCEPTED, name=peer.name))], now)
 
     def _write_peer(self, peer: PeerConfig, note: str, done) -> None:
-        """Write the peer's file beside the loop; `done(error)` runs on the loop after."""
+        """Write the peer's file beside the loop; `done(error)` runs on the loop after.  Until then
+        its name and key count as taken: a second request for either must not pass the checks."""
         text, directory, name = peer_text(peer, note), self.peers_dir, peer.name
+        self._writing[peer.public_key] = name
 
         def written(_: object, error: BaseException | None) -> None:
+            self._writing.pop(peer.public_key, None)
             if isinstance(error, OSError):
                 log.error("cannot write %s: %s; peer %s not added", directory / f"{name}.conf",
                           error.strerror or error, name)
@@ -575,7 +580,8 @@ class Server(Daemon):
                 raise error
             done(error)
 
-        self.system.submit(f"writing peer {name}", lambda: write_peer_file(directory, name, text), written)
+        if not self.system.submit(f"writing peer {name}", lambda: write_peer_file(directory, name, text), written):
+            written(None, OSError("too many disk writes waiting; try again"))
 
     def _add_peers(self, peers: list[PeerConfig], now: float) -> None:
         """Peers whose files are written: applied now, and journaled for a reload reading meanwhile."""

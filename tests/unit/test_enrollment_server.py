@@ -275,3 +275,61 @@ def test_a_name_the_admin_took_since_the_invite_is_refused_not_duplicated(harnes
     harness.server.reload()
     [refused] = harness.enroll(invite, new_key())
     assert refused.state == EnrollState.REFUSED and "lab-2 is taken" in refused.reason
+
+
+class DeferredWorker:
+    """Holds the server's disk jobs until the test runs them, as the real worker thread would;
+    `full` makes it refuse new ones, as a full queue does."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+        self.full = False
+
+    def submit(self, what, run, done=None, key=None) -> bool:
+        if self.full:
+            return False
+        self.jobs.append((run, done))
+        return True
+
+    def run_all(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for run, done in jobs:
+            result, error = None, None
+            try:
+                result = run()
+            except Exception as exc:
+                error = exc
+            if done is not None:
+                done(result, error)
+
+
+def test_a_name_or_key_whose_file_is_being_written_is_taken(harness, tmp_path):
+    harness.server.system = worker = DeferredWorker()
+    phone, other = new_key(), new_key()
+    first = harness.server.handle_request({**_invite_request(name="phone"), "command": "add-peer",
+                                           "public_key": encode_key(phone)})
+    assert "error" not in first
+    again = harness.server.handle_request({**_invite_request(name="phone"), "command": "add-peer",
+                                           "public_key": encode_key(other)})
+    assert "exists already" in again["error"]
+    assert "exists already" in harness.server.handle_request(_invite_request(name="phone"))["error"]
+    # Two invites enrolling the same new key at once: only one gets it.
+    one, two, laptop = harness.invite("one"), harness.invite("two"), new_key()
+    assert harness.enroll(one, laptop) == []
+    [refused] = harness.enroll(two, laptop)
+    assert refused.state == EnrollState.REFUSED and "already a peer" in refused.reason
+    worker.run_all()
+    assert harness.names() == {"alice", "phone", "one"}
+    assert [p.public_key for p in harness.server.config.peers].count(laptop) == 1
+    assert encode_key(phone) in (tmp_path / "state" / "peers.d" / "phone.conf").read_text()
+
+
+def test_a_write_the_worker_cannot_take_does_not_leave_the_invite_stuck(harness):
+    harness.server.system = worker = DeferredWorker()
+    worker.full = True
+    invite, laptop = harness.invite(), new_key()
+    assert harness.enroll(invite, laptop) == []  # not written, not answered: the client asks again
+    worker.full = False
+    harness.enroll(invite, laptop)
+    worker.run_all()
+    assert "laptop" in harness.names() and harness.sent[-1][1].state == EnrollState.ACCEPTED
