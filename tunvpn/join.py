@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import resolve_endpoint
+from .config import is_peer_name, resolve_endpoint
 from .invitetoken import InvalidToken, InviteToken, decode_token
 from .keys import derive_public_key, encode_key, generate_preshared_key, generate_private_key
 from .protocol import control
@@ -189,8 +189,9 @@ def run_join(args: argparse.Namespace) -> int:
         print(f"tunvpn join: the invite is {exc}", file=sys.stderr)
         return EXIT_USAGE
     name = args.name or token.server_name
-    if "/" in name or name.startswith(".") or not name:
-        print(f"tunvpn join: invalid --name {name!r}: a config name, like office", file=sys.stderr)
+    if not is_peer_name(name):  # it is written into NAME.conf and names the systemd unit
+        print(f"tunvpn join: invalid --name {name!r}: a config name, like office (1-64 letters, digits "
+              "and . _ @ + -, starting with a letter or digit)", file=sys.stderr)
         return EXIT_USAGE
     paths = {suffix: os.path.join(args.config_dir, f"{name}.{suffix}") for suffix in ("conf", "key", "psk")}
     if os.path.exists(paths["conf"]) and not args.force:

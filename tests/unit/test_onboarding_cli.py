@@ -34,6 +34,12 @@ def test_an_expired_token_is_refused_locally(tmp_path, capsys):
     assert "expired" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["two words", "office\nPostUp = evil", ".hidden", "a/b", "_x"])
+def test_a_name_that_is_no_config_name_is_refused_before_the_invite_is_spent(name, tmp_path, capsys):
+    assert main(["join", token(), "--name", name, "--config-dir", str(tmp_path), "--timeout", "0.1"]) == 2
+    assert "invalid --name" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
 def test_an_existing_config_is_kept_without_force(tmp_path, capsys):
     (tmp_path / "office.conf").write_text("mine\n")
     assert main(["join", token(), "--config-dir", str(tmp_path)]) == 2
