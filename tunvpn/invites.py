@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import is_peer_name
+from .io.atomicfile import replace_file
 from .keys import InvalidKey, decode_key, encode_key
 
 INVITES_FILE = "invites.json"
@@ -104,20 +104,7 @@ def save_invites(directory: str | os.PathLike[str], invites: dict[bytes, Invite]
     os.makedirs(directory, mode=0o700, exist_ok=True)
     text = json.dumps({"version": 1, "invites": {encode_key(k): invite_to_json(v) for k, v in invites.items()}},
                       indent=1, sort_keys=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{INVITES_FILE}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(fd, 0o600)
-            file.write(text + "\n")
-            file.flush()
-            os.fsync(fd)
-        os.replace(temp, os.path.join(directory, INVITES_FILE))
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
+    replace_file(os.path.join(directory, INVITES_FILE), (text + "\n").encode(), 0o600)
 
 
 class EnrollmentLimit:

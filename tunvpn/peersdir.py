@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 from .config import Config, ConfigError, Identity, PeerConfig, load_peer_file
+from .io.atomicfile import fsync_directory, replace_file
 from .keys import encode_key
 
 PEERS_DIRECTORY = "peers.d"
@@ -88,18 +88,7 @@ def peer_text(peer: PeerConfig, note: str) -> str:
 def write_peer_file(directory: Path, name: str, text: str) -> None:
     """Atomically (temp file, fsync, rename, fsync of the directory), readable by the daemon only."""
     os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(fd, FILE_MODE)
-            file.write(text)
-            file.flush()
-            os.fsync(fd)
-        os.replace(temp, peer_file(directory, name))
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-    _fsync_directory(directory)
+    replace_file(peer_file(directory, name), text.encode(), FILE_MODE)
 
 
 def remove_peer_file(directory: Path, name: str) -> None:
@@ -107,19 +96,4 @@ def remove_peer_file(directory: Path, name: str) -> None:
         os.unlink(peer_file(directory, name))
     except FileNotFoundError:
         return
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    fsync_directory(directory)

@@ -17,11 +17,11 @@ import os
 import re
 import socket
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .io.atomicfile import TEMP_SUFFIX, replace_file, temp_prefix, unlink_quietly
 from .keys import decode_key, encode_key
 from .pool import Lease
 from .secondfactor import Authorization
@@ -32,8 +32,6 @@ MAX_STATE_BYTES = 64 << 20  # ~400k peers; anything larger is not ours
 MAX_REPORTED_PROBLEMS = 20  # a wrecked file must not flood the log
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
-_TEMP_PREFIX = f".{STATE_FILE}."
-_TEMP_SUFFIX = ".tmp"
 _MAX_ASIDE_NAMES = 100
 _SHOWN_TEXT = 60  # characters of a bad value quoted in a problem line
 
@@ -366,18 +364,7 @@ class StateStore:
         if data == self._last_written:
             return False
         self._ensure_directory()
-        fd, temp_path = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as temp:
-                os.fchmod(temp.fileno(), FILE_MODE)
-                temp.write(data)
-                temp.flush()
-                os.fsync(temp.fileno())
-            os.replace(temp_path, self.path)
-        except BaseException:
-            _unlink_quietly(temp_path)
-            raise
-        self._fsync_directory()
+        replace_file(self.path, data, FILE_MODE)
         self._last_written = data
         return True
 
@@ -432,21 +419,14 @@ class StateStore:
         except OSError:
             return
         for name in names:
-            if name.startswith(_TEMP_PREFIX) and name.endswith(_TEMP_SUFFIX):
-                _unlink_quietly(os.path.join(self.directory, name))
+            if name.startswith(temp_prefix(self.path)) and name.endswith(TEMP_SUFFIX):
+                unlink_quietly(os.path.join(self.directory, name))
 
     def _ensure_directory(self) -> None:
         if not os.path.isdir(self.directory):
             os.makedirs(self.directory, mode=DIRECTORY_MODE, exist_ok=True)
             os.chmod(self.directory, DIRECTORY_MODE)  # the umask must not decide
 
-    def _fsync_directory(self) -> None:
-        """Make the rename itself durable."""
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _capped(problems: list[str]) -> list[str]:
@@ -454,10 +434,3 @@ def _capped(problems: list[str]) -> list[str]:
         return problems
     hidden = len(problems) - MAX_REPORTED_PROBLEMS
     return problems[:MAX_REPORTED_PROBLEMS - 1] + [f"... and {hidden + 1} more problems"]
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import selectors
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from .atomicfile import replace_file
 
 MAX_CONNECTIONS = 8
 MAX_REQUEST = 8 * 1024
@@ -160,16 +161,4 @@ class MetricsServer:
 def write_metrics_file(path: str, text: str) -> None:
     """Replace `path` at once (temp file and rename), as node_exporter's textfile collector needs:
     it must never read half a file.  Readable by all, as metrics are not secret."""
-    directory = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(prefix=".tunvpn-metrics.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o644)
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
+    replace_file(path, text.encode(), 0o644, durable=False)
