@@ -93,3 +93,29 @@ def test_a_deleted_tun_ends_the_loop_instead_of_failing_every_turn():
         os.close(readable)
         os.close(writer)
     assert not loop.faults.counts
+
+
+def test_a_tick_that_keeps_failing_is_retried_once_a_second_not_in_a_spin():
+    ticks = []
+
+    def failing_tick(now: float):
+        ticks.append(now)
+        if len(ticks) >= 3:
+            loop.stop_signal = signal.SIGTERM  # bounded: the third try ends the test
+        raise RuntimeError("a daemon bug")
+
+    udp = types.SimpleNamespace(sockets=[], send=lambda datagrams: None)
+    readable, writer = os.pipe()  # stands in for a tun that never has a packet
+    tun = types.SimpleNamespace(fileno=lambda: readable)
+    loop = EventLoop(CorePair().a.device, tun=tun, udp=udp, on_tick=failing_tick)  # type: ignore[arg-type]
+    try:
+        loop.run()
+    finally:
+        loop.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.close(readable)
+        os.close(writer)
+    assert len(ticks) == 3
+    assert ticks[2] - ticks[0] >= 1.5  # a spin would have made these three tries within microseconds
+    assert loop.faults.counts == {"the daemon's timers: RuntimeError": 3}

@@ -174,13 +174,15 @@ class EventLoop:
                 tick_due = True
 
     def _tick(self, now: float) -> float:
-        """The daemon's timers; when they are due next (a failing tick is retried next turn)."""
+        """The daemon's timers; when they are due next. A failing tick is tried again within a
+        second, or after the next event: at once, it would spin the loop."""
+        retry_at = now + HOUSEKEEPING_INTERVAL
         try:
             deadline = self.on_tick(now)
         except Exception as exc:
             self.faults.record("the daemon's timers", exc)
-            return now
-        return now + HOUSEKEEPING_INTERVAL if deadline is None else min(deadline, now + HOUSEKEEPING_INTERVAL)
+            return retry_at
+        return retry_at if deadline is None else min(deadline, retry_at)
 
     def _guarded(self, place: str, handler: Callable[..., T], *args: object) -> T | None:
         try:
