@@ -383,6 +383,15 @@ def test_cookie_replies_are_capped_for_all_sources_together() -> None:
     assert len(budget) <= RateLimiter.MAX_ENTRIES
 
 
+def test_a_reply_the_global_cap_refuses_costs_its_source_nothing() -> None:
+    budget = CookieReplyBudget()
+    flood = [_flood_source(i) for i in range(int(CookieReplyBudget.GLOBAL_BURST))]
+    assert all(budget.allow(source, 0.0) for source in flood)  # the global tokens are gone
+    assert not any(budget.allow(SOURCE, 0.0) for _ in range(10))  # refused by the cap, all of them
+    later = 1.0 / CookieReplyBudget.GLOBAL_RATE * CookieReplyBudget.PER_SOURCE_BURST  # tokens for 5
+    assert [budget.allow(SOURCE, later) for _ in range(5)] == [True] * 5  # its own burst is whole
+
+
 def test_an_all_zero_mac2_is_never_valid_and_the_cookie_memo_stays_bounded() -> None:
     checker = CookieChecker(StaticKey(os.urandom(32)).public, RecordingRandom())
     body = bytes(INITIATION_MAC1_OFFSET)

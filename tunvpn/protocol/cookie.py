@@ -168,7 +168,9 @@ class RateLimiter:
     (20 a second, as wireguard-go), and for the cookie replies we make.
 
     The table is capped and evicts the source seen least recently, so the
-    memory it takes stays bounded and an exhausted flooder stays exhausted.
+    memory it takes stays bounded and an exhausted flooder stays exhausted
+    while it uses fewer than MAX_ENTRIES addresses (past that, its evicted
+    addresses come back with a full burst, and only a global cap holds).
     IPv6 sources are grouped by /64, since one host usually owns a whole /64.
     """
 
@@ -227,12 +229,11 @@ class CookieReplyBudget:
         return len(self._per_source)
 
     def allow(self, source: bytes, now: float) -> bool:
-        if not self._per_source.allow(source, now):
-            return False
+        """The global cap first: a reply it refuses must not cost the source one of its own."""
         tokens = min(self.GLOBAL_BURST, self._tokens + (now - self._at) * self.GLOBAL_RATE)
         self._at = now
-        if tokens < 1.0:
-            self._tokens = tokens
+        self._tokens = tokens
+        if tokens < 1.0 or not self._per_source.allow(source, now):
             return False
         self._tokens = tokens - 1.0
         return True
