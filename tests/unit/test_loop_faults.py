@@ -24,6 +24,15 @@ def make_loop(device, on_event) -> EventLoop:
     return EventLoop(device, tun=None, udp=udp, on_event=on_event)  # type: ignore[arg-type]
 
 
+def _tear_down(loop: EventLoop, *fds: int) -> None:
+    """After `run`: close the loop, give the signals back their defaults, close the fake tun."""
+    loop.close()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in fds:
+        os.close(fd)
+
+
 def test_an_event_handler_that_raises_does_not_stop_the_next_events(caplog):
     pair = CorePair()
     device = pair.b.device
@@ -87,11 +96,7 @@ def test_a_deleted_tun_ends_the_loop_instead_of_failing_every_turn():
         with pytest.raises(TunDeleted):
             loop.run()
     finally:
-        loop.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.close(readable)
-        os.close(writer)
+        _tear_down(loop, readable, writer)
     assert not loop.faults.counts
 
 
@@ -111,11 +116,7 @@ def test_a_tick_that_keeps_failing_is_retried_once_a_second_not_in_a_spin():
     try:
         loop.run()
     finally:
-        loop.close()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.close(readable)
-        os.close(writer)
+        _tear_down(loop, readable, writer)
     assert len(ticks) == 3
     assert ticks[2] - ticks[0] >= 1.5  # a spin would have made these three tries within microseconds
     assert loop.faults.counts == {"the daemon's timers: RuntimeError": 3}
