@@ -38,16 +38,20 @@ _MAX_TIMER_STEPS = 100_000
 # --- randomness and keys ------------------------------------------------------------
 
 class SeededRandom:
-    """A `random_bytes` for Device: reproducible, and able to force the handshake jitter."""
+    """A `random_bytes` for Device: reproducible (the timer jitter's generator is seeded from it)."""
 
-    def __init__(self, seed: int, zero_jitter: bool = False) -> None:
+    def __init__(self, seed: int) -> None:
         self._rng = random.Random(seed)
-        self.zero_jitter = zero_jitter
 
     def __call__(self, n: int) -> bytes:
-        if n == 2 and self.zero_jitter:  # the device draws its 0..333 ms jitter from 2 bytes
-            return b"\0\0"
         return self._rng.randbytes(n)
+
+
+class ZeroJitter:
+    """Stands in for the device's jitter generator, to pin retries exactly REKEY_TIMEOUT apart."""
+
+    def randrange(self, stop: int) -> int:
+        return 0
 
 
 def private_key(seed: int) -> bytes:
@@ -168,7 +172,9 @@ class CorePair:
         load_threshold: int | None = None,
     ) -> Host:
         extra = {} if load_threshold is None else {"load_threshold": load_threshold}
-        device = Device(key, random_bytes=SeededRandom(seed, zero_jitter), **extra)
+        device = Device(key, random_bytes=SeededRandom(seed), **extra)
+        if zero_jitter:
+            device._state.jitter_source = ZeroJitter()
         device.set_wall_clock(WALL_EPOCH + self.now, self.now)
         host = Host(name, device, address)
         self.hosts[name] = host

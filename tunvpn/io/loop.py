@@ -4,16 +4,22 @@ It moves bytes between the tun, the UDP sockets and the protocol core and
 re-arms a single timer from `device.get_timer()`.  Signals arrive through
 `signal.set_wakeup_fd`, so a handler never runs protocol code in the middle
 of a batch.
+
+The loop waits on a bare epoll whose every descriptor maps straight to its handler: the tun,
+each UDP socket, the signal pipe, and the services' own selector (an epoll itself, nested),
+so a turn that only moves packets pays nothing for the selectors module's bookkeeping.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import selectors
 import signal
 import time
 from collections import Counter
+from functools import partial
 from typing import Callable, Protocol, TypeVar
 
 from ..protocol.device import Device, Event
@@ -22,10 +28,8 @@ from .udp import UdpTransport
 
 log = logging.getLogger(__name__)
 
-_TUN = "tun"  # selector tags; a UDP socket is tagged (_UDP, socket)
-_UDP = "udp"
-_SIGNALS = "signals"
 T = TypeVar("T")
+_MAX_EVENTS = 64  # per epoll wait: a handful of data descriptors and one for the services
 MAX_WAIT = 1.0  # wake at least this often, to refresh the wall clock and to notice stop requests
 # The daemon's tick and the services' expire() run at least this often, and not on every turn:
 # a turn that only moves packets would otherwise pay for them (tens of us each, per wakeup).
@@ -85,7 +89,8 @@ class EventLoop:
         self.on_tick = on_tick or (lambda now: None)
         self.services = services
         self.stop_signal: int | None = None
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._selector = selectors.DefaultSelector()  # the services' descriptors, nested in the epoll
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pending_signals: list[int] = []
         self._signals_installed = False
@@ -121,17 +126,27 @@ class EventLoop:
 
     # --- running ---------------------------------------------------------------
 
+    def _handlers(self) -> dict[int, tuple[Callable[[], bool | None], str]]:
+        """Each watched descriptor's handler, and the place its faults are counted under. A
+        handler returns True when the daemon's tick should follow (not for moving packets)."""
+        handlers: dict[int, tuple[Callable[[], bool | None], str]] = {
+            self.tun.fileno(): (self._on_tun, "the tun receive path")}
+        for sock in self.udp.sockets:
+            handlers[sock.fileno()] = (partial(self._on_udp, sock), "the UDP receive path")
+        handlers[self._signal_r] = (self._on_signals, "signal handling")
+        handlers[self._selector.fileno()] = (self._on_services, "a control socket client")
+        return handlers
+
     def run(self) -> None:
         """Run until SIGTERM or SIGINT."""
         device = self.device
         self.install_signals()
-        selector = self._selector
-        selector.register(self.tun.fileno(), selectors.EVENT_READ, _TUN)
-        for sock in self.udp.sockets:
-            selector.register(sock, selectors.EVENT_READ, (_UDP, sock))
-        selector.register(self._signal_r, selectors.EVENT_READ, _SIGNALS)
         for service in self.services:
-            service.register(selector)
+            service.register(self._selector)
+        handlers = self._handlers()
+        for fd in handlers:
+            self._epoll.register(fd, select.EPOLLIN)
+        poll = self._epoll.poll
         tick_due = self.flush()
         tick_at = 0.0
         expire_at = 0.0
@@ -144,28 +159,21 @@ class EventLoop:
                 self._send()  # what the tick queued goes now, not after the wait
             wake_at = min(now + MAX_WAIT, tick_at)
             protocol_deadline = device.get_timer()
-            if protocol_deadline is not None:
-                wake_at = min(wake_at, protocol_deadline)
-            timeout = max(0.0, wake_at - now)
-            for key, mask in selector.select(timeout):
+            if protocol_deadline is not None and protocol_deadline < wake_at:
+                wake_at = protocol_deadline
+            for fd, _mask in poll(max(0.0, wake_at - now), _MAX_EVENTS):
+                handler, place = handlers[fd]
                 # try costs nothing until something raises (Python >= 3.11), so one per wakeup.
                 try:
-                    if key.data is _TUN:
-                        self._on_tun()
-                    elif type(key.data) is tuple and key.data[0] is _UDP:
-                        self._on_udp(key.data[1])
-                    else:
-                        tick_due = True  # a signal, a control request or a helper's result: the daemon's turn
-                        if key.data is _SIGNALS:
-                            self._handle_signals()
-                        else:
-                            self._dispatch(key, mask)
+                    if handler():
+                        tick_due = True
                 except TunDeleted:
                     raise  # not one bad event: the tunnel is gone, so the daemon ends (and is restarted)
                 except Exception as exc:
-                    self.faults.record(_place(key.data), exc)
+                    self.faults.record(place, exc)
             now = time.monotonic()
-            self._guarded("the protocol timers", device.handle_timer, now)
+            if protocol_deadline is not None and protocol_deadline <= now:
+                self._guarded("the protocol timers", device.handle_timer, now)
             if now >= expire_at:
                 expire_at = now + HOUSEKEEPING_INTERVAL
                 for service in self.services:
@@ -191,11 +199,18 @@ class EventLoop:
             self.faults.record(place, exc)
             return None
 
-    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
-        for service in self.services:
-            if service.owns(key):
-                service.handle(key, mask)
-                return
+    def _on_signals(self) -> bool:
+        self._handle_signals()
+        return True  # a signal is the daemon's business: its tick follows
+
+    def _on_services(self) -> bool:
+        """A control request or a helper's result: each ready descriptor to its service."""
+        for key, mask in self._selector.select(0):
+            for service in self.services:
+                if service.owns(key):
+                    self._guarded("a control socket client", service.handle, key, mask)
+                    break
+        return True
 
     def _on_tun(self) -> None:
         packets = self.tun.read_batch()
@@ -232,16 +247,7 @@ class EventLoop:
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
         self._selector.close()
+        self._epoll.close()
         os.close(self._signal_r)
         os.close(self._signal_w)
 
-
-def _place(tag: object) -> str:
-    """Which handler a selector tag belongs to, for fault counts."""
-    if tag is _TUN:
-        return "the tun receive path"
-    if tag is _SIGNALS:
-        return "signal handling"
-    if type(tag) is tuple and tag[0] is _UDP:
-        return "the UDP receive path"
-    return "a control socket client"

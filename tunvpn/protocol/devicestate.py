@@ -8,6 +8,7 @@ facade the shell drives.  Only the core sees this object: the daemons see `Devic
 from __future__ import annotations
 
 import heapq
+import random
 from collections import Counter, deque
 from typing import Callable, Iterable
 
@@ -34,7 +35,7 @@ class DeviceState:
     __slots__ = (
         "identity", "mtu", "random_bytes", "cookie_checker", "load", "rate_limiter", "cookie_budget", "index_table",
         "allowed_ips", "peers", "dropped", "wall_offset", "outgoing", "events", "heap", "heap_seq",
-        "non_ip_hook", "deliver_hook",
+        "non_ip_hook", "deliver_hook", "jitter_source",
     )
 
     def __init__(self, private_key: bytes, mtu: int, load_threshold: int, random_bytes: Callable[[int], bytes]) -> None:
@@ -58,6 +59,9 @@ class DeviceState:
         self.heap_seq = 0
         self.non_ip_hook: NonIPHook | None = None
         self.deliver_hook: DeliverHook | None = None
+        # Timer jitter only spreads retries apart, as wireguard-go's fastrandn does: it needs no
+        # secrecy, so it comes from a seeded generator, not a system call per draw.
+        self.jitter_source = random.Random(random_bytes(16))
 
     def schedule(self, peer: Peer) -> None:
         """Put the peer's next deadline in the heap, unless an earlier one is there already."""
@@ -75,7 +79,7 @@ class DeviceState:
 
     def jitter(self) -> float:
         """0 to REKEY_TIMEOUT_JITTER_MAX seconds, in whole milliseconds."""
-        return int.from_bytes(self.random_bytes(2), "little") % _JITTER_MS / 1000.0
+        return self.jitter_source.randrange(_JITTER_MS) / 1000.0
 
     def set_endpoint(self, peer: Peer, source: Endpoint) -> None:
         """An authenticated message came from `source`: the peer roamed there."""

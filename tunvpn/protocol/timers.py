@@ -54,8 +54,13 @@ class Timers:
         self.sent_last_minute_handshake = False
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (getattr(self, slot) for slot in _SLOTS) if d is not None]
-        return min(deadlines) if deadlines else None
+        """Runs after every batch: the five slots are read by name, not through getattr."""
+        earliest = None
+        for deadline in (self.retransmit_handshake, self.send_keepalive, self.new_handshake,
+                         self.zero_key_material, self.persistent_keepalive):
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
 
     def pop_due(self, now: float) -> list[Timer]:
         """The timers due at `now`, disarmed: the caller runs their handlers."""
