@@ -32,6 +32,7 @@ from .keys import encode_key
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, render as render_metrics
 from .protocol.device import (
     DEFAULT_LOAD_THRESHOLD,
+    ControlReceived,
     CookieReceived,
     Device,
     EndpointChanged,
@@ -327,8 +328,7 @@ class Daemon:
 
     def _on_event(self, event: Event) -> None:
         now = time.monotonic()
-        if self.peer_log.allow(event.public_key, type(event).__name__, now):
-            self.log_event(event)
+        self.log_event(event, now)
         self.handle_event(event, now)
         if isinstance(event, (HandshakeCompleted, KeysExpired, HandshakeGaveUp)):
             self.status_changed()
@@ -455,12 +455,24 @@ class Daemon:
     def current_addresses(self) -> list:
         return list(self.config.interface.addresses)
 
-    def log_event(self, event: Event) -> None:
+    def log_event(self, event: Event, now: float) -> None:
+        """One info line per handshake, naming where it came from: a new client is one line (and
+        its lease), not one per event, which at a thousand connects a second is the journal's
+        cost and the server's. A roam shows in the next handshake's line; the event alone is debug."""
+        kind = type(event)
+        if kind is ControlReceived:
+            return
+        if kind is EndpointChanged:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("peer %s: endpoint is now %s", short_key(event.public_key), format_endpoint(event.endpoint))
+            return
+        if not self.peer_log.allow(event.public_key, kind.__name__, now):
+            return
         key = short_key(event.public_key)
         if isinstance(event, HandshakeCompleted):
-            log.info("peer %s: handshake complete (%s)", key, "initiator" if event.initiator else "responder")
-        elif isinstance(event, EndpointChanged):
-            log.info("peer %s: endpoint is now %s", key, format_endpoint(event.endpoint))
+            endpoint = self.device.endpoint_of(event.public_key) if self.device.has_peer(event.public_key) else None
+            log.info("peer %s: handshake complete (%s) at %s", key, "initiator" if event.initiator else "responder",
+                     format_endpoint(endpoint))
         elif isinstance(event, HandshakeGaveUp):
             log.warning("peer %s: handshake did not complete after %d s", key, REKEY_ATTEMPT_TIME)
         elif isinstance(event, KeysExpired):

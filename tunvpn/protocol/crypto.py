@@ -8,14 +8,13 @@ Speed notes (measured with cryptography 50 on this project's test machine,
 ``encrypt_into``/``decrypt_into`` into a preallocated buffer cost ~2.1 us,
 because slicing the buffer costs more than the copy it saves.  So the data
 path uses the plain calls everywhere; ``*_into`` belongs to the batched
-(GSO) send path, where one buffer holds a whole batch.  HMAC goes through
-OpenSSL's one-shot ``hmac.digest`` when it knows BLAKE2s.
+(GSO) send path, where one buffer holds a whole batch.  HMAC is RFC 2104's
+construction over hashlib's BLAKE2s (see `hmac_`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -58,25 +57,23 @@ def mac(key: bytes, data: bytes) -> bytes:
     return hashlib.blake2s(data, digest_size=MAC_SIZE, key=key).digest()
 
 
-def _hmac_openssl(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "blake2s256")
+_BLAKE2S_BLOCK = 64
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))  # RFC 2104's ipad and opad, as translate tables
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
-def _hmac_hashlib(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, hashlib.blake2s)
+def hmac_(key: bytes, data: bytes) -> bytes:
+    """HMAC-BLAKE2s-256 (RFC 2104 over hashlib's BLAKE2s).
 
-
-def _pick_hmac():
-    """OpenSSL's one-shot HMAC is several times faster; not every build names blake2s256."""
-    try:
-        if _hmac_openssl(b"k", b"m") == _hmac_hashlib(b"k", b"m"):
-            return _hmac_openssl
-    except ValueError:
-        pass
-    return _hmac_hashlib
-
-
-hmac_ = _pick_hmac()
+    A handshake computes about twenty: built from two hashlib calls this costs ~2 us, where
+    the stdlib's `hmac.digest` takes ~3 us with hashlib.blake2s and ~4.7 us through OpenSSL's
+    EVP (its setup per call dominates for 32-byte inputs). The unit tests hold it to `hmac`'s."""
+    if len(key) > _BLAKE2S_BLOCK:
+        key = hashlib.blake2s(key).digest()
+    block = key.ljust(_BLAKE2S_BLOCK, b"\0")
+    inner = hashlib.blake2s(block.translate(_INNER_PAD))
+    inner.update(data)
+    return hashlib.blake2s(block.translate(_OUTER_PAD) + inner.digest()).digest()
 
 
 def kdf1(key: bytes, data: bytes) -> bytes:

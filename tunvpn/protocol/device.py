@@ -198,6 +198,10 @@ class Device:
     def peer_keys(self) -> list[bytes]:
         return list(self._state.peers)
 
+    def endpoint_of(self, public_key: bytes) -> Endpoint:
+        """Where the peer was last heard from (or configured): O(1), unlike `peer_stats`."""
+        return self._state.peers[public_key].endpoint
+
     def set_endpoint(self, public_key: bytes, endpoint: Endpoint) -> None:
         self._state.peers[public_key].endpoint = endpoint
 
