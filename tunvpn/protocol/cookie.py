@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from functools import lru_cache
 from typing import Callable
 
-from .crypto import MAC_SIZE, XNONCE_SIZE, CryptoError, hash_, mac, xaead_decrypt, xaead_encrypt
+from .crypto import MAC_SIZE, XNONCE_SIZE, CryptoError, KeyedMac, hash_, mac, xaead_decrypt, xaead_encrypt
 from .messages import COOKIE_SIZE, CookieReply
 
 LABEL_MAC1 = b"mac1----"
@@ -46,16 +46,17 @@ class CookieChecker:
 
     def __init__(self, local_public: bytes, random_bytes: Callable[[int], bytes]) -> None:
         self._mac1_key = hash_(LABEL_MAC1, local_public)
+        self._mac1 = KeyedMac(self._mac1_key)
         self._cookie_key = hash_(LABEL_COOKIE, local_public)
         self._random_bytes = random_bytes
         self._secret = b""
         self._secret_born = float("-inf")
         self._cookies: dict[bytes, bytes] = {}  # source -> cookie under the current secret
+        self._mac2s: dict[bytes, KeyedMac] = {}  # source -> MAC keyed with its cookie
 
     def mac1_valid(self, msg: bytes, mac1_offset: int) -> bool:
         # Constant-time compares (as wireguard-go's hmac.Equal): no timing oracle for forging MACs.
-        expected = mac(self._mac1_key, msg[:mac1_offset])
-        return hmac.compare_digest(expected, msg[mac1_offset : mac1_offset + MAC_SIZE])
+        return hmac.compare_digest(self._mac1(msg[:mac1_offset]), msg[mac1_offset : mac1_offset + MAC_SIZE])
 
     def _cookie(self, source: bytes, now: float) -> bytes:
         cookies = self._cookies
@@ -63,10 +64,12 @@ class CookieChecker:
             self._secret = self._random_bytes(32)
             self._secret_born = now
             cookies.clear()
+            self._mac2s.clear()
         cookie = cookies.get(source)
         if cookie is None:
             if len(cookies) >= _COOKIE_MEMO_SIZE:
                 cookies.clear()
+                self._mac2s.clear()
             cookie = cookies[source] = mac(self._secret, source)
         return cookie
 
@@ -75,8 +78,11 @@ class CookieChecker:
         received = msg[mac2_offset : mac2_offset + MAC_SIZE]
         if received == _ZERO_MAC:  # "I hold no cookie": no MAC of ours is all zeros but by chance
             return False
-        expected = mac(self._cookie(source, now), msg[:mac2_offset])
-        return hmac.compare_digest(expected, received)
+        cookie = self._cookie(source, now)  # first: it clears both memos when the secret turns
+        keyed = self._mac2s.get(source)
+        if keyed is None:
+            keyed = self._mac2s[source] = KeyedMac(cookie)
+        return hmac.compare_digest(keyed(msg[:mac2_offset]), received)
 
     def create_reply(self, msg: bytes, sender_index: int, mac1_offset: int, source: bytes, now: float) -> bytes:
         """The cookie reply to a handshake message that arrived while we were under load."""
