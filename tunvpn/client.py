@@ -146,15 +146,18 @@ class Client(Daemon):
     # --- asking the server -------------------------------------------------------------------------
 
     def _send_request(self, now: float) -> None:
-        if self._requests_sent >= REQUEST_ATTEMPTS:
-            self._fall_back_to_local()
-            self._next_request = now + STOCK_REQUEST_INTERVAL
-            self._requests_sent = 0
-            return
+        """REQUEST_ATTEMPTS requests a second apart; unanswered, the client runs on its own config
+        and goes on asking the same request at doubling intervals up to STOCK_REQUEST_INTERVAL.
+        A server under a flood may lose five in a row; a stock server drops one small packet now
+        and then, and a tunvpn server that comes back is heard from within half a minute."""
         if self._requests_sent == 0:
             self._request_id = self._request_id % 0xFFFF + 1
+        elif self._requests_sent == REQUEST_ATTEMPTS:
+            self._fall_back_to_local()
         self._requests_sent += 1
-        self._next_request = now + REQUEST_INTERVAL
+        beyond = self._requests_sent - REQUEST_ATTEMPTS
+        wait = REQUEST_INTERVAL * 2 ** min(beyond, 5) if beyond > 0 else REQUEST_INTERVAL
+        self._next_request = now + min(wait, STOCK_REQUEST_INTERVAL)
         # The addresses held from the last push: a server that lost its leases gives them back.
         request = control.encode(control.ConfigRequest(self._request_id, list(self._applied_addresses)))
         self.device.send_to_peer(self.server.public_key, [request], now)

@@ -6,12 +6,13 @@ so its event and timer hooks can be driven directly with simulated time.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import pytest
 
 from tunvpn import client as client_module
-from tunvpn.client import RECONNECT_BACKOFF, REQUEST_ATTEMPTS, REQUEST_INTERVAL, Client
+from tunvpn.client import RECONNECT_BACKOFF, REQUEST_ATTEMPTS, REQUEST_INTERVAL, STOCK_REQUEST_INTERVAL, Client
 from tunvpn.config import parse_config
 from tunvpn.daemon import Options
 from tunvpn.io.dns import DnsError
@@ -94,11 +95,37 @@ def test_config_request_is_retried_then_the_client_runs_on_its_own_config(monkey
         while client.mode == "waiting" and now < 30.0:
             deadline = client.tick(now)
             now = deadline if deadline is not None else now + 1.0
-    assert [when for when, _ in sent] == pytest.approx([10.0 + i * REQUEST_INTERVAL for i in range(REQUEST_ATTEMPTS)])
+    # REQUEST_ATTEMPTS a second apart; the one after them comes with the fall-back.
+    assert [when for when, _ in sent] == pytest.approx([10.0 + i * REQUEST_INTERVAL for i in range(REQUEST_ATTEMPTS + 1)])
     assert all(isinstance(m, control.ConfigRequest) for _, m in sent)
     assert len({m.request_id for _, m in sent}) == 1  # retries of one request, answered idempotently
     assert client.mode == "local"
     assert "did not answer the config request" in caplog.text and "running on the local Address" in caplog.text
+
+
+def test_unanswered_the_client_goes_on_asking_at_doubling_intervals_up_to_half_a_minute(monkeypatch, caplog):
+    """A flooded server may lose five requests in a row: the client must not stop at them."""
+    client = make_client(extra="Address = 203.0.113.9/24", peer_extra="AllowedIPs = 203.0.113.0/24")
+    sent = []
+    monkeypatch.setattr(client.device, "send_to_peer", lambda key, payloads, now: sent.extend(
+        (now, control.decode(p)) for p in payloads))
+    client.handle_event(HandshakeCompleted(SERVER_PUB, initiator=True), now=0.0)
+    now = 0.0
+    with caplog.at_level(logging.INFO, logger="tunvpn"):
+        for _ in range(14):  # bounded: one tick per request
+            deadline = client.tick(now)
+            assert deadline is not None
+            now = deadline
+    times = [when for when, _ in sent]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps == pytest.approx([1.0] * REQUEST_ATTEMPTS + [2.0, 4.0, 8.0, 16.0] + [STOCK_REQUEST_INTERVAL] * 4)
+    assert len({m.request_id for _, m in sent}) == 1  # a late answer to any of them is taken
+    assert caplog.text.count("did not answer the config request") == 1
+    applied = []
+    monkeypatch.setattr(client, "_apply_push", applied.append)  # no link here to apply it to
+    push = control.ConfigPush(sent[-1][1].request_id, addresses=[ipaddress.ip_interface("203.0.113.9/24")])
+    client.handle_event(ControlReceived(SERVER_PUB, control.encode(push)), now=now)
+    assert applied == [push] and client.tick(now + 100.0) is None  # answered: no more requests
 
 
 def test_without_a_local_config_the_client_says_what_it_needs(monkeypatch, caplog):
