@@ -84,13 +84,19 @@ def test_literal_endpoint_is_not_resolved(monkeypatch):
     client.handle_event(HandshakeGaveUp(SERVER_PUB), now=0.0)
 
 
-def test_config_request_is_retried_then_the_client_runs_on_its_own_config(monkeypatch, caplog):
+def _connected_client_with_a_local_config(monkeypatch, now: float) -> tuple[Client, list]:
+    """A client whose handshake just completed, recording (time, message) for what it sends."""
     client = make_client(extra="Address = 203.0.113.9/24", peer_extra="AllowedIPs = 203.0.113.0/24")
-    sent = []
+    sent: list = []
     monkeypatch.setattr(client.device, "send_to_peer", lambda key, payloads, now: sent.extend(
         (now, control.decode(p)) for p in payloads))
-    client.handle_event(HandshakeCompleted(SERVER_PUB, initiator=True), now=10.0)
+    client.handle_event(HandshakeCompleted(SERVER_PUB, initiator=True), now=now)
+    return client, sent
+
+
+def test_config_request_is_retried_then_the_client_runs_on_its_own_config(monkeypatch, caplog):
     now = 10.0
+    client, sent = _connected_client_with_a_local_config(monkeypatch, now)
     with caplog.at_level(logging.INFO, logger="tunvpn"):
         while client.mode == "waiting" and now < 30.0:
             deadline = client.tick(now)
@@ -105,12 +111,8 @@ def test_config_request_is_retried_then_the_client_runs_on_its_own_config(monkey
 
 def test_unanswered_the_client_goes_on_asking_at_doubling_intervals_up_to_half_a_minute(monkeypatch, caplog):
     """A flooded server may lose five requests in a row: the client must not stop at them."""
-    client = make_client(extra="Address = 203.0.113.9/24", peer_extra="AllowedIPs = 203.0.113.0/24")
-    sent = []
-    monkeypatch.setattr(client.device, "send_to_peer", lambda key, payloads, now: sent.extend(
-        (now, control.decode(p)) for p in payloads))
-    client.handle_event(HandshakeCompleted(SERVER_PUB, initiator=True), now=0.0)
     now = 0.0
+    client, sent = _connected_client_with_a_local_config(monkeypatch, now)
     with caplog.at_level(logging.INFO, logger="tunvpn"):
         for _ in range(14):  # bounded: one tick per request
             deadline = client.tick(now)
