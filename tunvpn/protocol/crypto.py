@@ -6,10 +6,10 @@ Everything here is a thin layer over the `cryptography` package and
 Speed notes (measured with cryptography 50 on this project's test machine,
 1424-byte packets): ``encrypt``/``decrypt`` cost ~1.9 us; the newer
 ``encrypt_into``/``decrypt_into`` into a preallocated buffer cost ~2.1 us,
-because slicing the buffer costs more than the copy it saves.  So the data
-path uses the plain calls everywhere; ``*_into`` belongs to the batched
-(GSO) send path, where one buffer holds a whole batch.  HMAC is RFC 2104's
-construction over hashlib's BLAKE2s (see `hmac_`).
+because slicing the buffer costs more than the copy it saves, and neither
+trixie's cryptography 43 nor bookworm's 38 has them.  So the data path uses
+the plain calls everywhere.  HMAC is RFC 2104's construction over hashlib's
+BLAKE2s (see `hmac_`).
 """
 
 from __future__ import annotations
