@@ -274,8 +274,8 @@ class Daemon:
             self.loop.install_signals()
             self.link.set_up()  # routes need the link up
             self.configure_link()
-            log.info("%s %s up: device %s, UDP port %d, public key %s, %d peer(s), offloads: %s",
-                     self.role, self.config.name, self.tun.name, self.udp.port,
+            log.info("%s %s up: device %s, UDP port %d (%d receive queue(s)), public key %s, %d peer(s), offloads: %s",
+                     self.role, self.config.name, self.tun.name, self.udp.port, self.udp.receive_queues,
                      encode_key(self.device.public_key), len(self.device.peer_keys()),
                      ", ".join(self.offloads_in_use()) or "none")
             self.started(time.monotonic())

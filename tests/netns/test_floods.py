@@ -28,15 +28,14 @@ ROUNDS = 1000  # each round: the small mix below, then valid-mac1 initiations un
 MIX = {"random": 100, "bad_mac1": 20, "replay": 5, "truncated": 5, "oversized": 5, "port_zero": 2}
 SPOOFED_PORTS = 4096
 # Valid-mac1 initiations a second at most: the rate the issue measured one Python sender at. An
-# unpaced sender's rate is the host's (160k/s on a faster host CPU, where the server, ~72k/s,
-# then lost well over half of all datagrams in the kernel, the clients' among them, with
-# yesterday's code as with today's); paced, every run floods the same way.
+# unpaced sender's rate is the host's (160k/s on a faster host CPU); paced, every run floods
+# the same way. The server drains ~70k/s of them: the rest overflow mallory's receive queue.
 FLOOD_RATE = 120_000
-# The issue asks for 10 s. Under load WireGuard's own cookie round trip makes 5 s the floor (the
-# first initiation earns a cookie, the retry 5 s later carries it), and on a busy machine one
-# more lost datagram costs another 5 s: a stock client under bookworm's python3 missed 10 s in
-# CI once. The times are printed and reported; the test holds the server to 20 s.
-CONNECT_DEADLINE = 20.0
+# The issue's bound. Under load WireGuard's own cookie round trip makes 5 s the floor (the first
+# initiation earns a cookie, the retry 5 s later carries it); one lost datagram costs another
+# 5 s, so the bound holds only because the server keeps a receive queue per group of source
+# addresses: a new client's datagrams do not wait behind the flood (tunvpn/io/sourcequeues.py).
+CONNECT_DEADLINE = 10.0
 RSS_GROWTH_LIMIT = 20 * MB
 
 # Captures transport messages the client sends to the server, from the client's own namespace.
@@ -227,6 +226,8 @@ def test_floods_during_a_transfer_leave_it_intact_and_new_clients_connect(lab, t
     assert "stock" in outcome and "transfer" in outcome, outcome
     result = outcome["transfer"]
     assert result.sent_sha256 == result.received_sha256
+    # Established tunnels keep moving data: the 20 MB arrive while the flood still runs.
+    assert outcome["transfer_seconds"] < FLOOD_SECONDS, outcome
     assert tunvpn_connect <= CONNECT_DEADLINE and outcome["stock"] <= CONNECT_DEADLINE, \
         (tunvpn_connect, outcome, office.clients["client2"].log())
     assert flood_was_running and outcome["flood_ran_past_stock"], "the clients must connect while the flood still runs"

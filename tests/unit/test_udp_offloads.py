@@ -6,6 +6,7 @@ The real kernel round trip is in tests/netns/test_datapath_offloads.py.
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 import sys
 
@@ -118,3 +119,11 @@ def test_a_receive_batch_stops_near_its_bound_and_leaves_the_rest_queued():
     sock = StubSocket(received=[(bytes(100 * 40), 100, A)] * 10)
     batch = transport(sock).receive_batch(sock, max_datagrams=100)
     assert len(batch) == 120 and len(sock.received) == 7
+
+
+def test_the_steering_program_takes_only_a_power_of_two_of_queues() -> None:
+    from tunvpn.io.sourcequeues import steering_program
+
+    assert len(steering_program(socket.AF_INET, 8)) % 8 == 0
+    with pytest.raises(ValueError, match="power of two"):
+        steering_program(socket.AF_INET6, 6)

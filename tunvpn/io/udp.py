@@ -21,6 +21,8 @@ import sys
 from collections import Counter
 from typing import Sequence
 
+from .sourcequeues import RECEIVE_QUEUES, attach, steering_program
+
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -62,13 +64,15 @@ def _offers(sock: socket.socket, option: int, value: int) -> bool:
     return True
 
 
-def _open(family: int, port: int, fwmark: int | None) -> socket.socket:
+def _open(family: int, port: int, fwmark: int | None, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if fwmark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _grow_buffers(sock)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     except BaseException:
@@ -77,12 +81,42 @@ def _open(family: int, port: int, fwmark: int | None) -> socket.socket:
     return sock
 
 
+def _claim(family: int, port: int) -> None:
+    """Bind the port once without SO_REUSEPORT, and let go: it fails, as a plain bind always
+    did, while anything holds the port, and so keeps a second daemon from joining our group."""
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+
+
+def _open_queues(family: int, port: int, fwmark: int | None) -> list[socket.socket]:
+    """The listening port as one socket per source-address queue (see sourcequeues.py), or
+    as one socket where the kernel cannot steer datagrams between them."""
+    _claim(family, port)
+    group: list[socket.socket] = []
+    try:
+        for _ in range(RECEIVE_QUEUES):
+            group.append(_open(family, port, fwmark, reuse_port=True))
+        attach(group[0], steering_program(family, RECEIVE_QUEUES))
+        return group
+    except OSError as exc:
+        for sock in group:
+            sock.close()
+        if not group or exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise
+        log.warning("receive queues per source address unavailable (%s); one socket for port %d",
+                    exc.strerror, port)
+    return [_open(family, port, fwmark)]
+
+
 class UdpTransport:
     def __init__(self, port: int | None, fwmark: int | None = None, *, gso: bool = True, gro: bool = True) -> None:
         """`gso` and `gro` allow the offloads; each is used only if the kernel has it."""
         self.errors: Counter[str] = Counter()
-        self._v4: socket.socket | None = None
+        self._v4: socket.socket | None = None  # each family's sending socket
         self._v6: socket.socket | None = None
+        self.sockets: list[socket.socket] = []  # all, each family's first its sending one
         attempts = 1 if port else _EPHEMERAL_BIND_ATTEMPTS
         for _ in range(attempts):
             try:
@@ -94,7 +128,6 @@ class UdpTransport:
                     raise UdpError(f"cannot bind UDP port {port or '(ephemeral)'}: {exc.strerror}") from exc
         else:
             raise UdpError("no ephemeral UDP port free on both IPv4 and IPv6")
-        self.sockets = [s for s in (self._v4, self._v6) if s is not None]
         self._gso = {sock for sock in self.sockets if gso and _offers(sock, UDP_SEGMENT, 0)}
         self._gro = {sock for sock in self.sockets if gro and _offers(sock, UDP_GRO, 1)}
         self._segment_controls: dict[int, list[tuple[int, int, bytes]]] = {}
@@ -104,15 +137,32 @@ class UdpTransport:
         """The offloads in use, for the log and `tunvpn show`."""
         return [name for name, socks in (("gso", self._gso), ("gro", self._gro)) if socks]
 
+    @property
+    def receive_queues(self) -> int:
+        """Sockets per address family: one per group of source addresses, or 1."""
+        return sum(1 for sock in self.sockets if sock.family == socket.AF_INET)
+
     def _bind_both(self, port: int, fwmark: int | None) -> None:
-        self._v4 = _open(socket.AF_INET, port, fwmark)
+        """A fixed port (a server's) gets a receive queue per group of sources; an ephemeral
+        one (a client's, which talks to one server) a single socket."""
+        queued = bool(port)
+
+        def open_family(family: int, port: int) -> list[socket.socket]:
+            return _open_queues(family, port, fwmark) if queued else [_open(family, port, fwmark)]
+
+        v4 = open_family(socket.AF_INET, port)
+        self.sockets.extend(v4)
+        self._v4 = v4[0]
         self.port = self._v4.getsockname()[1]
         try:
-            self._v6 = _open(socket.AF_INET6, self.port, fwmark)
+            v6 = open_family(socket.AF_INET6, self.port)
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
             log.warning("IPv6 unavailable (%s); listening on IPv4 only", exc.strerror)
+            return
+        self.sockets.extend(v6)
+        self._v6 = v6[0]
 
     def set_fwmark(self, mark: int) -> None:
         """Mark our own datagrams so policy routing can keep them out of a full tunnel."""
@@ -212,9 +262,9 @@ class UdpTransport:
         self.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
 
     def close(self) -> None:
-        for sock in (self._v4, self._v6):
-            if sock is not None:
-                sock.close()
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
         self._v4 = self._v6 = None
 
 
