@@ -88,6 +88,13 @@ def test_x25519_rfc7748_section_6_1_shared_secret_both_ways() -> None:
     assert StaticKey(BOB_PRIVATE).dh(ALICE_PUBLIC) == SHARED
 
 
+def test_a_generated_key_is_fresh_and_its_public_half_is_its_own() -> None:
+    first, second = StaticKey.generate(), StaticKey.generate()
+    assert first.public != second.public
+    assert StaticKey(first.private_bytes()).public == first.public
+    assert first.dh(BOB_PUBLIC) == StaticKey(BOB_PRIVATE).dh(first.public)
+
+
 def test_static_key_private_bytes_round_trip() -> None:
     assert StaticKey(ALICE_PRIVATE).private_bytes() == ALICE_PRIVATE
 

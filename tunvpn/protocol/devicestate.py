@@ -8,13 +8,14 @@ facade the shell drives.  Only the core sees this object: the daemons see `Devic
 from __future__ import annotations
 
 import heapq
+import os
 import random
 from collections import Counter, deque
 from typing import Callable, Iterable
 
 from .allowedips import AllowedIPs
 from .cookie import CookieChecker, CookieReplyBudget, LoadMonitor, RateLimiter
-from .crypto import StaticKey
+from .crypto import KEY_SIZE, StaticKey
 from .events import Endpoint, EndpointChanged, Event
 from .indextable import IndexTable
 from .keypair import Keypair
@@ -76,6 +77,14 @@ class DeviceState:
         while heap and heap[0][2].scheduled_at != heap[0][0]:
             heapq.heappop(heap)  # stale: the peer was rescheduled earlier or removed
         return heap[0][0] if heap else None
+
+    def new_ephemeral(self) -> StaticKey:
+        """A handshake's ephemeral key: from OpenSSL's generator when the device uses the
+        system's randomness (much cheaper on bookworm), from the given source otherwise, so
+        that a device on a seeded source (the tests') stays reproducible."""
+        if self.random_bytes is os.urandom:
+            return StaticKey.generate()
+        return StaticKey(self.random_bytes(KEY_SIZE))
 
     def jitter(self) -> float:
         """0 to REKEY_TIMEOUT_JITTER_MAX seconds, in whole milliseconds."""

@@ -11,7 +11,6 @@ from typing import Callable
 
 from . import send
 from .cookie import source_bytes
-from .crypto import KEY_SIZE, StaticKey
 from .devicestate import DeviceState
 from .events import CookieReceived, Endpoint, HandshakeCompleted
 from .keypair import Keypair
@@ -179,7 +178,7 @@ def send_initiation(state: DeviceState, peer: Peer, now: float, retry: bool) -> 
         return
     try:
         msg = peer.handshake.create_initiation(
-            _new_handshake_index(state, peer), StaticKey(state.random_bytes(KEY_SIZE)), now + state.wall_offset
+            _new_handshake_index(state, peer), state.new_ephemeral(), now + state.wall_offset
         )
     except NoiseError:
         peer.dropped["low_order_peer_key"] += 1
@@ -194,7 +193,7 @@ def send_initiation(state: DeviceState, peer: Peer, now: float, retry: bool) -> 
 
 
 def _send_response(state: DeviceState, peer: Peer, now: float) -> None:
-    msg = peer.handshake.create_response(_new_handshake_index(state, peer), StaticKey(state.random_bytes(KEY_SIZE)))
+    msg = peer.handshake.create_response(_new_handshake_index(state, peer), state.new_ephemeral())
     peer.last_sent_handshake = now
     _begin_session(state, peer, now)
     state.outgoing.append((peer.cookies.add_macs(msg.pack(), now), peer.endpoint))
