@@ -8,6 +8,7 @@ a failure in one makes the later ones fail loudly, not skip.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -137,6 +138,12 @@ def test_daemons_run_as_tunvpn_with_cap_net_admin_only(office: Office) -> None:
         assert process_user(host, pid) == "tunvpn"
         masks = capability_masks(host, pid)
         assert (masks["CapEff"], masks["CapPrm"], masks["CapBnd"]) == (CAP_NET_ADMIN_ONLY,) * 3, masks
+
+
+def test_the_hardened_server_unit_keeps_a_receive_queue_per_source_group(office: Office) -> None:
+    journal = office.server.run(["journalctl", "-u", SERVER_UNIT, "-o", "cat", "--no-pager"]).stdout
+    assert re.search(r"UDP port \d+ \(8 receive queue\(s\)\)", journal), journal
+    assert "receive queues per source address unavailable" not in journal, journal
 
 
 def test_a_key_others_can_read_is_refused_with_the_fix(office: Office) -> None:
