@@ -18,7 +18,7 @@ SOURCES = ["192.0.2.1", "192.0.2.11", "192.0.2.12", "192.0.2.13", "192.0.2.66", 
            "2001:db8::1", "2001:db8::2", "2001:db8:0:1::1", "2001:db8:0:7::5"]
 SAME_PREFIX = ["2001:db8::1", "2001:db8::2"]  # one /64: one queue
 FLOODER, VICTIM = "192.0.2.66", "192.0.2.11"
-FLOOD = 20_000  # 148-byte datagrams; the 4 MiB receive buffer holds a few thousand
+FLOOD = 20_000  # 148-byte datagrams; a queue's 1 MiB receive buffer holds about a thousand
 
 # Runs in the namespace: binds the port as the server does, sends from each source, and
 # reports which socket (by index in UdpTransport.sockets) each source's datagram reached.

@@ -226,6 +226,9 @@ class EventLoop:
                 # What the kernel answered while taking them (TCP acknowledgements, a ping's
                 # echo) is usually queued already: send it in this turn, not after another wait.
                 self._on_tun()
+            # Now, not after the other ready sockets' batches: on a server under a flood from
+            # many sources every receive queue may hold a full batch.
+            self._send()
 
     def flush(self) -> bool:
         """Hand the core's events on (their handlers may queue more), then send what it queued;

@@ -55,5 +55,6 @@ def attach(sock: socket.socket, program: bytes) -> None:
     """Attach `program` to the reuseport group `sock` belongs to (the kernel copies it)."""
     code = array.array("B", program)
     address, _length = code.buffer_info()
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, struct.pack("=HxxxxxxQ", len(program) // 8, address))
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, in native layout.
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, struct.pack("@HP", len(program) // 8, address))
 

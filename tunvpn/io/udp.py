@@ -1,8 +1,9 @@
-"""UDP sockets for the underlay: one IPv4 and one IPv6 socket sharing a port.
+"""UDP sockets for the underlay: IPv4 and IPv6 sockets sharing a port.
 
-Two sockets instead of one dual-stack socket keep IPv4 peers' addresses as
+Sockets per family instead of one dual-stack socket keep IPv4 peers' addresses as
 plain (host, port) tuples, so an endpoint from the config and the source of
-a datagram compare equal.  Sends never raise for one bad datagram: the
+a datagram compare equal.  A server's port is a group of sockets per family, one
+receive queue per group of source addresses (sourcequeues.py).  Sends never raise for one bad datagram: the
 network refusing a packet is counted, not fatal.
 
 Where the kernel offers them (Linux 4.18 and 5.0 on), UDP segmentation offload sends a run
@@ -26,6 +27,9 @@ from .sourcequeues import RECEIVE_QUEUES, attach, steering_program
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 * 1024 * 1024
+# Each of a group's receive queues: a flood from many sources fills all of them, so the
+# group's total stays at twice a single socket's instead of RECEIVE_QUEUES times.
+QUEUE_BUFFER = 2 * SOCKET_BUFFER // RECEIVE_QUEUES
 # Linux values; the socket module names them only from Python 3.12 on.
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -46,13 +50,15 @@ class UdpError(Exception):
     """The sockets could not be set up (port in use, no address family)."""
 
 
-def _grow_buffers(sock: socket.socket) -> None:
+def _grow_buffers(sock: socket.socket, receive: int, send: int | None) -> None:
     """Bigger kernel buffers absorb bursts between loop iterations; FORCE works as root."""
-    for force, normal in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+    for force, normal, size in ((SO_RCVBUFFORCE, socket.SO_RCVBUF, receive), (SO_SNDBUFFORCE, socket.SO_SNDBUF, send)):
+        if size is None:
+            continue
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
         except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, normal, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, normal, size)
 
 
 def _offers(sock: socket.socket, option: int, value: int) -> bool:
@@ -64,16 +70,20 @@ def _offers(sock: socket.socket, option: int, value: int) -> bool:
     return True
 
 
-def _open(family: int, port: int, fwmark: int | None, reuse_port: bool = False) -> socket.socket:
+def _open(family: int, port: int, fwmark: int | None, *, queue_of_group: int | None = None) -> socket.socket:
+    """One socket; `queue_of_group` makes it that queue of a reuseport group (the first,
+    queue 0, is also the one the family sends from)."""
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if fwmark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
-        if reuse_port:
+        if queue_of_group is None:
+            _grow_buffers(sock, SOCKET_BUFFER, SOCKET_BUFFER)
+        else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        _grow_buffers(sock)
+            _grow_buffers(sock, QUEUE_BUFFER, SOCKET_BUFFER if queue_of_group == 0 else None)
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
     except BaseException:
         sock.close()
@@ -83,31 +93,42 @@ def _open(family: int, port: int, fwmark: int | None, reuse_port: bool = False) 
 
 def _claim(family: int, port: int) -> None:
     """Bind the port once without SO_REUSEPORT, and let go: it fails, as a plain bind always
-    did, while anything holds the port, and so keeps a second daemon from joining our group."""
+    did, while anything holds the port, and so keeps us from joining another's group."""
     with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
         if family == socket.AF_INET6:
             probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
 
 
+# Errors that say the port or the family cannot be had at all: no fallback helps.
+_BIND_ERRORS = {errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
+
+
 def _open_queues(family: int, port: int, fwmark: int | None) -> list[socket.socket]:
     """The listening port as one socket per source-address queue (see sourcequeues.py), or
-    as one socket where the kernel cannot steer datagrams between them."""
+    as one socket where the kernel cannot make or steer such a group."""
     _claim(family, port)
     group: list[socket.socket] = []
     try:
-        for _ in range(RECEIVE_QUEUES):
-            group.append(_open(family, port, fwmark, reuse_port=True))
+        for queue in range(RECEIVE_QUEUES):
+            group.append(_open(family, port, fwmark, queue_of_group=queue))
         attach(group[0], steering_program(family, RECEIVE_QUEUES))
-        return group
     except OSError as exc:
-        for sock in group:
-            sock.close()
-        if not group or exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        _close_all(group)
+        if exc.errno in _BIND_ERRORS:
             raise
         log.warning("receive queues per source address unavailable (%s); one socket for port %d",
                     exc.strerror, port)
-    return [_open(family, port, fwmark)]
+        return [_open(family, port, fwmark)]
+    except BaseException:
+        _close_all(group)
+        raise
+    return group
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 class UdpTransport:
@@ -262,8 +283,7 @@ class UdpTransport:
         self.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
 
     def close(self) -> None:
-        for sock in self.sockets:
-            sock.close()
+        _close_all(self.sockets)
         self.sockets = []
         self._v4 = self._v6 = None
 
