@@ -11,6 +11,8 @@ import ipaddress
 import json
 import socket
 
+import pytest
+
 from netlab import Lab
 
 PORT = 51820
@@ -94,22 +96,33 @@ def test_each_source_has_its_queue_and_a_flood_fills_only_its_own(lab: Lab) -> N
     assert "cannot bind UDP port 51820" in report["second"] and "in use" in report["second"], report
 
 
+# Runs in the namespace: UdpTransport on a kernel that refuses one step of making the group.
 FALLBACK = r"""
 import errno, json, logging, sys
 from tunvpn.io import udp
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-def refuse(sock, program):
-    raise OSError(errno.EINVAL, "Invalid argument")
-udp.attach = refuse
+refused = sys.argv[2]
+if refused == "attach":
+    def refuse_attach(sock, program):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    udp.attach = refuse_attach
+else:  # SO_REUSEPORT itself
+    plain_open = udp._open
+    def open_without_reuseport(family, port, fwmark, *, queue_of_group=None):
+        if queue_of_group is not None:
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        return plain_open(family, port, fwmark)
+    udp._open = open_without_reuseport
 transport = udp.UdpTransport(int(sys.argv[1]))
 print(json.dumps({"queues": transport.receive_queues, "sockets": len(transport.sockets)}))
 """
 
 
-def test_a_kernel_that_cannot_steer_gets_one_socket_per_family_and_a_warning(lab: Lab) -> None:
+@pytest.mark.parametrize(("refused", "reason"), [("attach", "Invalid argument"), ("reuseport", "Protocol not available")])
+def test_a_kernel_that_cannot_make_the_queues_gets_one_socket_per_family_and_a_warning(
+        lab: Lab, refused: str, reason: str) -> None:
     host = lab.add_host("server")
     host.ip("link", "set", "lo", "up")
-    result = host.python(FALLBACK, str(PORT))
+    result = host.python(FALLBACK, str(PORT), refused)
     assert json.loads(result.stdout) == {"queues": 1, "sockets": 2}
-    assert "receive queues per source address unavailable (Invalid argument); one socket for port 51820" \
-        in result.stderr
+    assert f"receive queues per source address unavailable ({reason}); one socket for port 51820" in result.stderr
