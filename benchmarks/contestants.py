@@ -57,6 +57,7 @@ class System:
     client: Host
     target: str
     vpn_pids: list[int] = field(default_factory=list)
+    server_pids: list[int] = field(default_factory=list)  # those of vpn_pids in the server's namespace
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,10 +93,11 @@ def finish(key: str, label: str, server: Host, client: Host, logs: Callable[[], 
         wait_for_ping(client, SERVER_TUNNEL, HANDSHAKE_TIMEOUT)
     except LabError as exc:
         raise BenchError(f"{key}: no tunnel: {exc}\n{logs()}") from None
-    pids = namespace_pids(server) + namespace_pids(client)
+    server_pids = namespace_pids(server)
+    pids = server_pids + namespace_pids(client)
     if not pids:
         raise BenchError(f"{key}: the tunnel works but no process runs in its namespaces")
-    return System(key, label, server, client, SERVER_TUNNEL, pids, details or {})
+    return System(key, label, server, client, SERVER_TUNNEL, pids, server_pids, details or {})
 
 
 def private_dir(lab: Lab, prefix: str) -> Path:

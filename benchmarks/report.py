@@ -24,6 +24,17 @@ def cpu_seconds_per_gb(transfer: dict[str, Any]) -> float | None:
     return transfer["vpn_cpu_seconds"] / (transfer["bytes_received"] / 1e9)
 
 
+CPU_SPLIT_KEYS = ("sending_user", "sending_system", "receiving_user", "receiving_system")
+
+
+def cpu_split_per_gb(transfer: dict[str, Any]) -> dict[str, float] | None:
+    """Each end's user and system seconds per 10^9 bytes (results.json from before the split: None)."""
+    split = transfer.get("vpn_cpu_split")
+    if not split or not transfer["bytes_received"]:
+        return None
+    return {key: split[key] / (transfer["bytes_received"] / 1e9) for key in CPU_SPLIT_KEYS}
+
+
 def other_cpu_percent(transfer: dict[str, Any], cpus: int) -> float:
     """The machine's busy time not charged to the VPN processes or iperf3, as a share of all cores:
     other people's work, plus kernel work that ran outside these processes (softirqs, kthreads)."""
@@ -43,12 +54,20 @@ def summarize(rows: list[dict[str, Any]], cpus: int) -> dict[str, Any]:
         "loaded_ping_lost": sum(row["loaded_ping"]["sent"] - row["loaded_ping"]["received"] for row in rows),
         "single_cpu_s_per_gb": spread([cpu_seconds_per_gb(row["single"]) for row in rows]),
         "multi_cpu_s_per_gb": spread([cpu_seconds_per_gb(row["multi"]) for row in rows]),
+        "single_cpu_split_s_per_gb": _split_spreads([cpu_split_per_gb(row["single"]) for row in rows]),
         "single_retransmits": statistics.median(row["single"]["retransmits"] for row in rows),
         "load1": spread([window["load1_before"] for window in windows]),
         "other_cpu_percent": spread([other_cpu_percent(window, cpus) for window in windows]),
         "steal_percent": spread([100 * window["steal_seconds"] / (window["wall_seconds"] * cpus)
                                  for window in windows]),
     }
+
+
+def _split_spreads(splits: list[dict[str, float] | None]) -> dict[str, dict[str, float] | None] | None:
+    present = [split for split in splits if split is not None]
+    if not present:
+        return None
+    return {key: spread([split[key] for split in present]) for key in CPU_SPLIT_KEYS}
 
 
 def cell(values: dict[str, float] | None, digits: int = 0) -> str:
@@ -93,6 +112,17 @@ def noise_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_split_table(results: dict[str, Any]) -> str:
+    """Where each system's CPU goes in the 1-stream test: which end, in user code or the kernel."""
+    lines = ["| system | sending end, user | sending end, system | receiving end, user | receiving end, system |",
+             "|---|---:|---:|---:|---:|"]
+    for system in results["systems"].values():
+        split = system["summary"].get("single_cpu_split_s_per_gb")
+        if split:
+            lines.append(f"| {system['label']} | " + " | ".join(cell(split[key], 1) for key in CPU_SPLIT_KEYS) + " |")
+    return "\n".join(lines)
+
+
 def facts_text(results: dict[str, Any]) -> str:
     facts, settings = results["machine"], results["settings"]
     lines = [f"- {facts['date_utc']}, kernel {facts['kernel']}, CPU {facts['cpu']} x {facts['cpus']}, "
@@ -121,5 +151,8 @@ def facts_text(results: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     return (f"## tunvpn benchmark: median [min-max] of the rounds\n\n{results_table(results)}\n\n"
+            f"Where the CPU goes, 1 stream (CPU s/GB; the sending end is the iperf3 client's, whose "
+            f"VPN encrypts; system time includes kernel work done in the process's context):\n\n"
+            f"{cpu_split_table(results)}\n\n"
             f"How noisy the windows were (each system's iperf3 tests):\n\n{noise_table(results)}\n\n"
             f"{facts_text(results)}\n")

@@ -92,6 +92,9 @@ class Transfer:
     seconds: float
     retransmits: int
     vpn_cpu_seconds: float | None  # None for the bare veth: no VPN process to clock
+    # The same split by end (sending: the client's namespace; receiving: the server's) and by
+    # user and system time: {"sending_user": s, "sending_system": s, "receiving_user": ..., ...}
+    vpn_cpu_split: dict[str, float] | None
     iperf_cpu_seconds: float
     machine_busy_seconds: float
     steal_seconds: float
@@ -135,16 +138,17 @@ def measure_idle_ping(system: System, count: int, interval: float) -> PingSeries
     return series
 
 
-def process_cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of `pids` (whole processes: all their threads)."""
-    ticks = 0
+def process_cpu_times(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of `pids` (whole processes: all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             raise BenchError(f"VPN process {pid} is gone") from None
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / CLOCK_TICKS
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -158,7 +162,7 @@ def machine_cpu_seconds() -> tuple[float, float]:
 class Counters:
     """What the CPU counters and the clock said at one instant."""
 
-    vpn_cpu: float
+    vpn_cpu: dict[str, float]  # the ends' user and system seconds, keyed as Transfer.vpn_cpu_split
     machine_busy: float
     steal: float
     monotonic: float
@@ -166,7 +170,11 @@ class Counters:
 
 def read_counters(system: System) -> Counters:
     busy, steal = machine_cpu_seconds()
-    return Counters(process_cpu_seconds(system.vpn_pids), busy, steal, time.monotonic())
+    client_pids = [pid for pid in system.vpn_pids if pid not in system.server_pids]
+    vpn_cpu = {}
+    for end, pids in (("sending", client_pids), ("receiving", system.server_pids)):
+        vpn_cpu[f"{end}_user"], vpn_cpu[f"{end}_system"] = process_cpu_times(pids)
+    return Counters(vpn_cpu, busy, steal, time.monotonic())
 
 
 def iperf_listening(system: System, server: subprocess.Popen[Any]) -> bool:
@@ -190,7 +198,9 @@ def transfer_from(iperf_report: dict[str, Any], system: System, streams: int, se
     return Transfer(
         streams=streams, mbps=received["bits_per_second"] / 1e6, bytes_received=int(received["bytes"]),
         seconds=float(received["seconds"]), retransmits=int(end["sum_sent"].get("retransmits", 0)),
-        vpn_cpu_seconds=after.vpn_cpu - before.vpn_cpu if system.vpn_pids else None,
+        vpn_cpu_seconds=sum(after.vpn_cpu.values()) - sum(before.vpn_cpu.values()) if system.vpn_pids else None,
+        vpn_cpu_split={key: after.vpn_cpu[key] - before.vpn_cpu[key] for key in before.vpn_cpu}
+        if system.vpn_pids else None,
         iperf_cpu_seconds=(cpu.get("host_total", 0.0) + cpu.get("remote_total", 0.0)) / 100 * seconds,
         machine_busy_seconds=after.machine_busy - before.machine_busy, steal_seconds=after.steal - before.steal,
         wall_seconds=after.monotonic - before.monotonic, load1_before=load1)
