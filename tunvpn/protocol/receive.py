@@ -88,12 +88,12 @@ def receive_datagrams(state: DeviceState, datagrams: Iterable[tuple[bytes, Endpo
         touched[peer] = True  # data for the timers even if the inner packet is dropped below
         version = plaintext[0] >> 4
         if version == 4 and len(plaintext) >= 20:
-            length = int.from_bytes(plaintext[2:4], "big")
+            length = plaintext[2] << 8 | plaintext[3]  # no slice, no call: this runs per packet
             inner_source = plaintext[12:16]
             if inner_source != last_source:  # a batch is mostly one flow's: one lookup for it
                 owner, last_source = lookup_v4(inner_source), inner_source
         elif version == 6 and len(plaintext) >= 40:
-            length = 40 + int.from_bytes(plaintext[4:6], "big")
+            length = 40 + (plaintext[4] << 8 | plaintext[5])
             inner_source = plaintext[8:24]
             if inner_source != last_source:
                 owner, last_source = lookup_v6(inner_source), inner_source

@@ -27,22 +27,29 @@ class ReplayWindow:
 
     def accept(self, counter: int, limit: int) -> bool:
         """True if `counter` is below `limit` and new; records it as seen."""
-        if counter >= limit:
+        greatest = self._greatest
+        if counter > greatest:  # the common case, a packet in order: its bit cannot be set yet
+            if counter >= limit:
+                return False
+            block = counter >> 6
+            if block != greatest >> 6:
+                self._clear_blocks_after(greatest >> 6, block)
+            self._greatest = counter
+            self._ring[block & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+            return True
+        if counter >= limit or greatest - counter > WINDOW_SIZE:
             return False
         ring = self._ring
-        block = counter >> 6
-        greatest = self._greatest
-        if counter > greatest:
-            current = greatest >> 6
-            for step in range(1, min(block - current, RING_BLOCKS) + 1):
-                ring[(current + step) & _RING_MASK] = 0
-            self._greatest = counter
-        elif greatest - counter > WINDOW_SIZE:
-            return False
-        index = block & _RING_MASK
+        index = (counter >> 6) & _RING_MASK
         bit = 1 << (counter & _BIT_MASK)
         word = ring[index]
         if word & bit:
             return False
         ring[index] = word | bit
         return True
+
+    def _clear_blocks_after(self, current: int, block: int) -> None:
+        """The window moves up to `block`: the blocks it enters held counters a ring ago."""
+        ring = self._ring
+        for step in range(1, min(block - current, RING_BLOCKS) + 1):
+            ring[(current + step) & _RING_MASK] = 0
