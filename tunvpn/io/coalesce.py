@@ -39,17 +39,24 @@ _MAX_IP_PAYLOAD = 65535  # IPv4 total length and IPv6 payload length are 16 bits
 _IPV4_HEADER_WORDS = struct.Struct("!10H")
 _IPV4_ADDRESS_WORDS = struct.Struct("!4H")
 _IPV6_ADDRESS_WORDS = struct.Struct("!16H")
+_TCP_FIELDS = struct.Struct("!4xIIBBH")  # from the TCP header: seq, ack, data offset byte, flags, window
+_IPV6_FIRST_WORD = struct.Struct("!I")  # version, traffic class, flow label
 
 
 class _Burst:
-    """Segments of one flow waiting to be written as one packet."""
+    """Segments of one flow waiting to be written as one packet, and what a next one must match."""
 
-    __slots__ = ("first", "ip_len", "header_len", "mss", "next_seq", "length", "payloads", "open", "push")
+    __slots__ = ("first", "ip_len", "header_len", "mss", "next_seq", "length", "payloads", "open", "push",
+                 "ack", "offset", "window", "marks", "options")
 
-    def __init__(self, packet: bytes, ip_len: int, header_len: int, seq: int, flags: int) -> None:
+    def __init__(self, packet: bytes, ip_len: int, header_len: int, fields: tuple[int, int, int, int, int],
+                 marks: int) -> None:
+        seq, self.ack, self.offset, flags, self.window = fields
         self.first = packet
         self.ip_len = ip_len  # 20 for IPv4 (no options), 40 for IPv6 (no extension headers)
         self.header_len = header_len  # IP and TCP headers
+        self.marks = marks  # the IP fields that must match, packed into one int (see coalesce)
+        self.options = packet[ip_len + 20:header_len]  # TCP options, timestamps included
         self.mss = len(packet) - header_len
         self.next_seq = (seq + self.mss) & 0xFFFFFFFF
         self.length = len(packet) - (ip_len if ip_len == 40 else 0)  # what the IP length field counts
@@ -57,23 +64,7 @@ class _Burst:
         self.push = bool(flags & _PSH)
         self.open = not self.push
 
-    def accepts(self, packet: bytes, header_len: int, seq: int, flags: int) -> bool:
-        """Whether `packet` (of this burst's flow) is its next segment, alike in all but payload."""
-        first, tcp = self.first, self.ip_len
-        if not (self.open and seq == self.next_seq and header_len == self.header_len
-                and flags & ~_PSH == _ACK and len(packet) - header_len <= self.mss
-                and self.length + len(packet) - header_len <= _MAX_IP_PAYLOAD):
-            return False
-        if tcp == 20:
-            same_ip = packet[1] == first[1] and packet[6] == first[6] and packet[8] == first[8]
-        else:
-            same_ip = packet[:4] == first[:4] and packet[7] == first[7]
-        return (same_ip and packet[tcp + 8:tcp + 13] == first[tcp + 8:tcp + 13]  # ack, data offset
-                and packet[tcp + 14:tcp + 16] == first[tcp + 14:tcp + 16]  # window
-                and packet[tcp + 20:header_len] == first[tcp + 20:header_len])  # options
-
-    def append(self, packet: bytes, header_len: int, flags: int) -> None:
-        payload = len(packet) - header_len
+    def append(self, packet: bytes, header_len: int, payload: int, flags: int) -> None:
         self.payloads.append(memoryview(packet)[header_len:])
         self.next_seq = (self.next_seq + payload) & 0xFFFFFFFF
         self.length += payload
@@ -115,29 +106,40 @@ def _fold(total: int) -> int:
 
 
 def coalesce(packets: Iterable[bytes]) -> list[list[Buffer]]:
-    """The writev vectors for a batch of IP packets (each exactly its IP length), bursts merged."""
+    """The writev vectors for a batch of IP packets (each exactly its IP length), bursts merged.
+
+    This runs once per packet received: the TCP header is read with one struct call, and a
+    segment is tested against its flow's open burst by comparing integers the burst keeps."""
     out: list[_Burst | bytes] = []
     bursts: dict[bytes, _Burst] = {}  # flow (addresses and ports) -> its open burst
+    unpack_tcp = _TCP_FIELDS.unpack_from
     for packet in packets:
         first_byte = packet[0] if packet else 0
         if first_byte == 0x45 and len(packet) >= 40 and packet[9] == 6 and not packet[6] & 0x3F and not packet[7]:
             ip_len, flow = 20, packet[12:24]  # IPv4 without options, not a fragment
+            marks = packet[1] << 16 | packet[6] << 8 | packet[8]  # TOS, DF, TTL
         elif first_byte >> 4 == 6 and len(packet) >= 60 and packet[6] == 6:
             ip_len, flow = 40, packet[8:44]  # IPv6, TCP right after the fixed header
+            marks = _IPV6_FIRST_WORD.unpack_from(packet)[0] << 8 | packet[7]  # class, flow label, hop limit
         else:
             out.append(packet)
             continue
-        header_len = ip_len + ((packet[ip_len + 12] >> 4) << 2)
-        flags = packet[ip_len + 13]
-        seq = int.from_bytes(packet[ip_len + 4:ip_len + 8], "big")
+        fields = unpack_tcp(packet, ip_len)
+        seq, ack, offset, flags, window = fields
+        header_len = ip_len + (offset >> 4 << 2)
+        payload = len(packet) - header_len
         burst = bursts.get(flow)
         if burst is not None:
-            if burst.accepts(packet, header_len, seq, flags) and len(packet) > header_len:
-                burst.append(packet, header_len, flags)
+            # The next segment, alike in all but payload and sequence number (module docstring).
+            if (burst.open and seq == burst.next_seq and flags & ~_PSH == _ACK and 0 < payload <= burst.mss
+                    and offset == burst.offset and ack == burst.ack and window == burst.window
+                    and marks == burst.marks and burst.length + payload <= _MAX_IP_PAYLOAD
+                    and packet[ip_len + 20:header_len] == burst.options):
+                burst.append(packet, header_len, payload, flags)
                 continue
             del bursts[flow]  # the flow's later segments must not be written before this packet
-        if flags & ~_PSH == _ACK and header_len >= ip_len + 20 and len(packet) > header_len:
-            burst = bursts[flow] = _Burst(packet, ip_len, header_len, seq, flags)
+        if flags & ~_PSH == _ACK and header_len >= ip_len + 20 and payload > 0:
+            burst = bursts[flow] = _Burst(packet, ip_len, header_len, fields, marks)
             out.append(burst)
         else:
             out.append(packet)
